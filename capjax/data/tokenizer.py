@@ -1,0 +1,61 @@
+"""SentencePiece tokenizer with PAD/BOS/EOS and the MASK id used by parallel prediction."""
+
+import io
+import os
+from typing import Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MASK_PIECE = "<mask>"
+MODEL_TYPES = ("word", "char", "unigram", "bpe")
+
+
+def train(captions: Iterable[str], path: str, vocab_size: int, model_type: str = "unigram"):
+  """Trains a model on `captions` and writes it to `path`. Returns a `Tokenizer`."""
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"Unknown tokenizer model_type={model_type!r}; expected one of {MODEL_TYPES}.")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+      user_defined_symbols=[MASK_PIECE], hard_vocab_limit=False, character_coverage=1.0,
+      minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(model.getvalue())
+  return Tokenizer(path)
+
+
+class Tokenizer:
+  """Captions <-> fixed-length id arrays `[BOS w1 .. wn EOS PAD ..]` of length max_len + 1."""
+
+  def __init__(self, path: str):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"No tokenizer model at {path}; train one with tools/train_tokenizer.py.")
+    self.path = path
+    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.mask_id = self.sp.piece_to_id(MASK_PIECE)
+    self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  def encode(self, caption: str, max_len: int) -> np.ndarray:
+    """int32[max_len + 1]; captions longer than max_len - 1 tokens are truncated."""
+    ids = self.sp.encode(caption)[:max_len - 1]
+    tokens = np.full(max_len + 1, PAD_ID, np.int32)
+    tokens[:len(ids) + 2] = [BOS_ID, *ids, EOS_ID]
+    return tokens
+
+  def decode(self, ids) -> str:
+    """Stops at the first EOS; ignores BOS/PAD/MASK."""
+    out = []
+    for i in np.asarray(ids).tolist():
+      if i == EOS_ID:
+        break
+      if i not in (PAD_ID, BOS_ID, self.mask_id):
+        out.append(i)
+    return self.sp.decode(out)

@@ -1,0 +1,141 @@
+"""Pure image and caption transforms on numpy arrays (no tokenization here).
+
+Images are uint8[H, W, 3] in, uint8[size, size, 3] out, except `normalize`,
+which returns float32. Random transforms take an explicit `np.random.Generator`
+so that a pipeline can seed them per example and stay reproducible.
+No horizontal flip: captions say "left" and "right".
+"""
+
+import math
+import string
+import unicodedata
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# big_vision's value_range(-1, 1).
+MINUS_ONE_TO_ONE_MEAN = (0.5, 0.5, 0.5)
+MINUS_ONE_TO_ONE_STD = (0.5, 0.5, 0.5)
+
+_RESAMPLE = Image.Resampling.BICUBIC
+
+
+def resize(image_HxWx3: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Resizes to exactly (height, width) with antialiased bicubic resampling."""
+  if image_HxWx3.shape[:2] == (height, width):
+    return image_HxWx3
+  resized = Image.fromarray(image_HxWx3).resize((width, height), _RESAMPLE)
+  return np.asarray(resized, dtype=np.uint8)
+
+
+def _scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_center_crop(image_HxWx3: np.ndarray, size: int) -> np.ndarray:
+  """Resizes the shorter side to `size`, then crops the central size x size."""
+  height, width = image_HxWx3.shape[:2]
+  new_h, new_w = _scaled_size(height, width, size / min(height, width))
+  new_h, new_w = max(new_h, size), max(new_w, size)
+  resized = resize(image_HxWx3, new_h, new_w)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return resized[top:top + size, left:left + size]
+
+
+def letterbox(image_HxWx3: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
+  """Resizes the longer side to `size` and pads (centred) to a square with `fill`.
+
+  Keeps the whole image visible, at the price of padding bars; use it when a
+  caption may mention something near the border.
+  """
+  height, width = image_HxWx3.shape[:2]
+  new_h, new_w = _scaled_size(height, width, size / max(height, width))
+  new_h, new_w = min(new_h, size), min(new_w, size)
+  resized = resize(image_HxWx3, new_h, new_w)
+  out = np.full((size, size, 3), fill, dtype=np.uint8)
+  top, left = (size - new_h) // 2, (size - new_w) // 2
+  out[top:top + new_h, left:left + new_w] = resized
+  return out
+
+
+def random_crop_box(
+    height: int, width: int, rng: np.random.Generator,
+    scale: tuple[float, float], ratio: tuple[float, float],
+    attempts: int = 10) -> tuple[int, int, int, int]:
+  """Inception-style crop box `(top, left, h, w)`; falls back to a central crop."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(attempts):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = round(math.sqrt(target_area * aspect))
+    h = round(math.sqrt(target_area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  # Fallback: the largest central crop whose aspect ratio is within `ratio`.
+  aspect = width / height
+  if aspect < ratio[0]:
+    w, h = width, round(width / ratio[0])
+  elif aspect > ratio[1]:
+    h, w = height, round(height * ratio[1])
+  else:
+    h, w = height, width
+  h, w = max(1, min(h, height)), max(1, min(w, width))
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    image_HxWx3: np.ndarray, size: int, rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Crops a random box (area fraction in `scale`, aspect in `ratio`), resizes.
+
+  The default minimum area is 0.5, not ImageNet's 0.08: a caption describes
+  the whole image, and a tiny crop would often drop the objects it names.
+  """
+  height, width = image_HxWx3.shape[:2]
+  top, left, h, w = random_crop_box(height, width, rng, scale, ratio)
+  return resize(image_HxWx3[top:top + h, left:left + w], size, size)
+
+
+def normalize(image_HxWx3: np.ndarray,
+              mean: Sequence[float] = MINUS_ONE_TO_ONE_MEAN,
+              std: Sequence[float] = MINUS_ONE_TO_ONE_STD) -> np.ndarray:
+  """uint8 [0, 255] -> float32 `(x / 255 - mean) / std`, per channel."""
+  mean = np.asarray(mean, dtype=np.float32)
+  std = np.asarray(std, dtype=np.float32)
+  return (image_HxWx3.astype(np.float32) / 255.0 - mean) / std
+
+
+def choose_caption(captions: Sequence[str], rng: np.random.Generator) -> str:
+  """One caption, uniformly at random (the usual 1-of-N caption sampling)."""
+  if not captions:
+    raise ValueError("choose_caption needs at least one caption.")
+  return captions[int(rng.integers(len(captions)))]
+
+
+def _is_punctuation(char: str) -> bool:
+  return char in string.punctuation or unicodedata.category(char).startswith("P")
+
+
+def clean_caption(text: str, lowercase: bool = True,
+                  strip_punctuation: bool = False) -> str:
+  """Lower-cases, optionally replaces punctuation by spaces, collapses whitespace.
+
+  Punctuation becomes a space (not nothing) so that "dog,cat" stays two words;
+  the apostrophe is dropped instead so that "dog's" stays one word ("dogs").
+  """
+  if lowercase:
+    text = text.lower()
+  if strip_punctuation:
+    text = "".join(
+        ("" if c in "'\u2019" else " ") if _is_punctuation(c) else c
+        for c in text)
+  return " ".join(text.split())

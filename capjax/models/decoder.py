@@ -1,0 +1,61 @@
+"""Cross-attention text decoder: causal for captioning, bidirectional for parallel prediction."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from capjax.models import layers
+
+
+class DecoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  dtype: layers.Dtype = jnp.bfloat16
+
+  @nn.compact
+  def __call__(self, x_BxLxD, enc_BxSxD, self_mask_Bx1xLxL):
+    x_BxLxD = layers.constrain(x_BxLxD, ("act_batch", "act_len", "act_embed"))
+    h = layers.RMSNorm(self.dtype, name="self_norm_pre")(x_BxLxD)
+    h = layers.Attention(self.num_heads, self.dtype, name="self_attention")(
+        h, mask_Bx1xLxS=self_mask_Bx1xLxL)
+    x_BxLxD = x_BxLxD + layers.RMSNorm(self.dtype, name="self_norm_post")(h)
+    h = layers.RMSNorm(self.dtype, name="cross_norm_pre")(x_BxLxD)
+    h = layers.Attention(self.num_heads, self.dtype, name="cross_attention")(h, enc_BxSxD)
+    x_BxLxD = x_BxLxD + layers.RMSNorm(self.dtype, name="cross_norm_post")(h)
+    x_BxLxD = x_BxLxD + layers.GeGLU(self.mlp_dim, self.dtype, name="mlp")(x_BxLxD)
+    return x_BxLxD, None
+
+
+class Decoder(nn.Module):
+  """Tokens + image tokens -> float32 logits. Bias only on the vocabulary projection."""
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  remat_policy: str = "none"
+  dtype: layers.Dtype = jnp.bfloat16
+
+  @nn.compact
+  def __call__(self, tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL):
+    embed = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("vocab", "embed")), name="token_embedding")
+    x_BxLxD = embed(tokens_BxL)
+    length = tokens_BxL.shape[1]
+    if length > self.max_len:
+      raise ValueError(f"Token length {length} exceeds model.max_len={self.max_len}.")
+    pos_LxD = layers.learned_embedding(
+        self, "pos_embedding", (self.max_len, self.width), (None, "embed"))
+    x_BxLxD = x_BxLxD + pos_LxD[:length].astype(self.dtype)
+    blocks = layers.scan_blocks(DecoderBlock, self.depth, self.remat_policy, 2)
+    x_BxLxD, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="layers")(
+        x_BxLxD, enc_BxSxD.astype(self.dtype), self_mask_Bx1xLxL)
+    x_BxLxD = layers.RMSNorm(self.dtype, name="final_norm")(x_BxLxD)
+    logits_BxLxV = layers.Dense(
+        (self.vocab_size,), ("embed", "vocab"), dtype=self.dtype, name="logits")(x_BxLxD)
+    bias_V = self.param("logits_bias", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("vocab",)), (self.vocab_size,), jnp.float32)
+    # Loss and softmax in float32.
+    return logits_BxLxV.astype(jnp.float32) + bias_V

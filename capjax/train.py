@@ -1,0 +1,143 @@
+"""`python -m capjax.train --config=NAME --workdir=DIR [--config.a.b=value ...]`
+
+Trains, logs to DIR/metrics.jsonl (+ wandb, offline by default), evaluates and
+checkpoints periodically. Rerunning the same command resumes from DIR.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capjax import checkpoint, config as config_lib, decode, flops, metrics_log, models
+from capjax import sharding, trainer
+from capjax.data import pipeline, tokenizer as tokenizer_lib
+from capjax.optim import factory
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description="Train a captioning model.")
+  parser.add_argument("--config", default="shapes_tiny", help="configs/NAME.py or a path")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--coordinator", default=None, help="host:port, for multi-process runs")
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--process_id", type=int, default=0)
+  return parser.parse_known_args(argv)
+
+
+def initialize_distributed(args):
+  if args.num_processes > 1:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  elif os.environ.get("CAPJAX_MULTIHOST") == "1":  # TPU VMs: everything from the environment
+    jax.distributed.initialize()
+
+
+def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
+  """Uses `tokenizer.path` if set, else DIR/tokenizer.model, trained on first use."""
+  path = config.tokenizer.path or os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(path) and jax.process_index() == 0:
+    tokenizer_lib.train(pipeline.training_captions(config), path,
+                        config.tokenizer.vocab_size, config.tokenizer.model_type)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("tokenizer")
+  tok = tokenizer_lib.Tokenizer(path)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"Tokenizer has {tok.vocab_size} pieces but model.vocab_size="
+                     f"{config.model.vocab_size}; raise model.vocab_size.")
+  return tok
+
+
+def evaluate(config, model, params, tok, eval_step, mesh):
+  """Validation loss (captioning objective) and a few greedy captions."""
+  losses, samples = [], []
+  for batch in pipeline.eval_batches(config, tok, "val", config.eval.num_examples,
+                                     config.eval.batch_size):
+    losses.append(float(eval_step(params, {k: batch[k] for k in ("image", "tokens")})))
+    if len(samples) < config.eval.num_captions:
+      n = config.eval.num_captions - len(samples)
+      images = trainer.normalize_images(jnp.asarray(batch["image"][:n]), jnp.dtype(config.dtype))
+      out = decode.greedy(model, params, images, max_len=config.model.max_len)
+      samples += [(tok.decode(o), r["captions"][0]) for o, r in zip(np.asarray(out), batch["records"])]
+  return {"val/loss": float(np.mean(losses))}, samples
+
+
+def train(config, workdir: str):
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  tok = ensure_tokenizer(config, workdir)
+  model = models.from_config(config)
+  optimizer = factory.make_optimizer(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
+                                 config.checkpoint.keep)
+  data_iter = iter(pipeline.train_dataset(
+      config, tok.path, jax.process_index(), jax.process_count()))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
+    state = trainer.create_state(model, optimizer, config, mesh)
+    state, restored_step = ckpt.restore(state, data_iter)
+    step = int(state.step)
+    train_step = trainer.jit_train_step(
+        trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id), state_sh, mesh)
+    eval_step = jax.jit(trainer.make_eval_step(model, config, tok.pad_id))
+    writer = metrics_log.MetricsWriter(workdir, config, config.train.num_steps, step)
+    if restored_step is not None:
+      writer.message(f"resumed from step {restored_step}")
+    flops_per_step = config.train.batch_size * flops.cappa_train_flops_per_example(
+        config.model, config.data.image_size)
+    peak, peak_source = flops.peak_flops_per_device()
+    peak *= jax.device_count()
+    writer.message(f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, "
+                   f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    window_start, window_steps = time.perf_counter(), 0
+    while step < config.train.num_steps:
+      batch = sharding.global_batch(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      if step % config.train.log_every == 0 or step == config.train.num_steps:
+        metrics = jax.device_get(metrics)  # the only host sync, once per log_every steps
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / window_steps
+        metrics["perf/examples_per_s"] = config.train.batch_size / step_time
+        metrics["perf/mfu"] = flops_per_step / step_time / peak
+        metrics["perf/step_time_s"] = step_time
+        if not np.isfinite(metrics["train/loss"]):
+          raise FloatingPointError(f"Non-finite loss {metrics['train/loss']} at step {step}.")
+        writer.write(step, metrics)
+        writer.progress(step, metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      if step % config.eval.every == 0 or step == config.train.num_steps:
+        val, samples = evaluate(config, model, state.params, tok, eval_step, mesh)
+        writer.write(step, val)
+        writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
+        for generated, truth in samples:
+          writer.message(f"  generated: {generated!r}   true: {truth!r}")
+        window_start = time.perf_counter()
+      if ckpt.should_save(step) or step == config.train.num_steps:
+        ckpt.save(step, state, data_iter, config)
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    config = config_lib.load(args.config, overrides)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  initialize_distributed(args)
+  train(config, args.workdir)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,18 @@
+"""Tiny CapPa on the built-in shapes data: trains in minutes on a laptop CPU."""
+
+from capjax.config import base
+
+
+def get_config():
+  c = base()
+  c.dtype = "bfloat16"
+  c.model.update(vocab_size=64, max_len=24, patch_size=8, width=128, enc_depth=3, dec_depth=2,
+                 mlp_dim=256, num_heads=4, num_registers=4)
+  c.data.update(name="shapes", image_size=64)
+  c.tokenizer.update(model_type="word", vocab_size=64)
+  c.objective.masked_pred_prob = 0.75
+  c.train.update(num_steps=1500, batch_size=64, log_every=50)
+  c.eval.update(every=500, num_examples=256, batch_size=128, num_captions=3)
+  c.checkpoint.update(every=500, keep=2)
+  c.schedule.update(peak_lr=2e-3, warmup_steps=100)
+  return c

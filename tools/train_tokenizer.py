@@ -1,0 +1,30 @@
+"""Train a SentencePiece tokenizer on the training captions of a configured dataset.
+
+  python tools/train_tokenizer.py --config=flickr_small --output=tok.model \
+      [--model_type=word|char|unigram|bpe] [--vocab_size=N] [--config.data.dir=...]
+"""
+
+import argparse
+import sys
+
+from capjax import config as config_lib
+from capjax.data import pipeline, tokenizer
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--model_type", default=None, choices=tokenizer.MODEL_TYPES)
+  parser.add_argument("--vocab_size", type=int, default=None)
+  args, overrides = parser.parse_known_args(argv)
+  config = config_lib.load(args.config, overrides)
+  tok = tokenizer.train(
+      pipeline.training_captions(config), args.output,
+      args.vocab_size or config.tokenizer.vocab_size,
+      args.model_type or config.tokenizer.model_type)
+  print(f"wrote {args.output}: {tok.vocab_size} pieces, mask id {tok.mask_id}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
