@@ -36,6 +36,7 @@ def main(argv):
   skips = images.SkipCounter()
   verify = not args.no_verify
   try:
+    shards.input_files(args.input)  # Fails early, before any progress bar.
     if args.format == "array_record":
       examples = shards.iter_examples(args.input, skips, verify,
                                       args.max_image_pixels)
@@ -46,7 +47,7 @@ def main(argv):
       count = shards.write_tfds(args.input, args.output, args.num_shards,
                                 args.split, skips, verify,
                                 args.max_image_pixels)
-  except images.DataNotFoundError as e:
+  except (images.DataNotFoundError, FileExistsError) as e:
     sys.exit(f"error: {e}")
   skipped = skips.as_dict()
   print(f"wrote {count} examples ({args.format}, split {args.split}) to "

@@ -57,6 +57,12 @@ class Decoded(NamedTuple):
   reason: str | None
 
 
+def _remove_owned_dir(directory: str, owner_pid: int) -> None:
+  # A forked child inherits the finalizer; only the creator may remove.
+  if os.getpid() == owner_pid:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 class SkipCounter:
   """Counts skipped items by reason, across threads and processes.
 
@@ -71,7 +77,7 @@ class SkipCounter:
   def __init__(self, directory: str | None = None):
     if directory is None:
       directory = tempfile.mkdtemp(prefix="capjax-skips-")
-      weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+      weakref.finalize(self, _remove_owned_dir, directory, os.getpid())
     else:
       os.makedirs(directory, exist_ok=True)
     self._dir = directory

@@ -151,7 +151,7 @@ def _tar_groups(path: str, skips: images.SkipCounter):
         group[extension.lower()] = tar.extractfile(member).read()
   except (tarfile.TarError, OSError, EOFError):
     skips.add("corrupt_tar")
-  if key is not None:
+  if group:
     yield key, group
 
 
@@ -200,6 +200,9 @@ def write_array_record(examples, output_dir: str, num_shards: int,
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
+  if find_shards(output_dir, split):
+    raise FileExistsError(f"{output_dir} already has {split!r} shards; remove "
+                          "them or choose another output folder.")
   os.makedirs(output_dir, exist_ok=True)
   final = shard_paths(output_dir, split, num_shards)
   # Hidden temporary names: a crash never leaves a shard that `find_shards` sees.
@@ -268,7 +271,16 @@ def tfds_builder_class():
       for index, (key, image, captions) in enumerate(examples):
         yield index, {"image": image, "captions": captions, "key": key}
 
+  CaptionShards.__qualname__ = "CaptionShards"  # See `__getattr__` below.
   return CaptionShards
+
+
+def __getattr__(name: str):
+  # Lazy module attribute, so that pickles of TFDS sources (which refer to
+  # `capjax.data.shards.CaptionShards`) load in grain worker processes.
+  if name == "CaptionShards":
+    return tfds_builder_class()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def write_tfds(input_path: str, output_dir: str, num_shards: int,
@@ -279,6 +291,9 @@ def write_tfds(input_path: str, output_dir: str, num_shards: int,
   builder = tfds_builder_class()(
       split_inputs={split: input_path}, skips=skips, verify=verify,
       max_pixels=max_pixels, data_dir=output_dir, file_format="array_record")
+  if builder.is_prepared():  # TFDS would silently keep the old one.
+    raise FileExistsError(f"{builder.data_dir} already exists; remove it or "
+                          "choose another output folder.")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(num_shards=num_shards))
   return builder.info.splits[split].num_examples
