@@ -20,7 +20,7 @@ def _abstract(tree):
 class Checkpointer:
   """Saves every `every` steps (asynchronously), keeping the last `keep`."""
 
-  def __init__(self, directory: str, every: int, keep: int, keep_period: int | None = None):
+  def __init__(self, directory: str, every: int, keep: int | None, keep_period: int | None = None):
     self.directory = directory
     self.every = every
     options = ocp.CheckpointManagerOptions(
@@ -59,3 +59,14 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def saved_config(directory: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config a checkpoint was trained with."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory) if "://" not in directory else directory)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {directory}; train first with python -m capjax.train.")
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  manager.close()
+  return ml_collections.ConfigDict(restored["config"])

@@ -1,0 +1,28 @@
+# The venv is made from pyproject.toml; every target installs what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Train shapes_tiny on the built-in data, then caption held-out images and score them.
+demo: install
+	$(PY) -m capjax.train --config=shapes_tiny --workdir=runs/demo
+	$(PY) -m capjax.evaluate --workdir=runs/demo --eval=attributes --split=test --show=8
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,39 @@
+"""Attribute accuracy of greedy captions on held-out `shapes` images.
+
+The share of the images' attributes (shape, colour and size of every object, the
+object count, and the relation in two-object scenes) that the caption states
+correctly; see `capjax.data.synthetic.score_caption`.
+"""
+
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from capjax import decode, evals, trainer
+from capjax.data import pipeline, synthetic
+
+
+def greedy_captions(trained, images_uint8) -> list[str]:
+  images = trainer.normalize_images(jnp.asarray(images_uint8), jnp.dtype(trained.config.dtype))
+  out = decode.greedy(trained.model, trained.params, images, max_len=trained.config.model.max_len)
+  return [trained.tokenizer.decode(o) for o in np.asarray(out)]
+
+
+@evals.register("attributes")
+def attribute_accuracy(trained, split: str = "test", num_examples: int = 256, show: int = 8,
+                       batch_size: int = 128) -> dict:
+  if trained.config.data.name != "shapes":
+    raise ValueError("--eval=attributes needs a model trained on data.name=shapes.")
+  generated, attributes, truths = [], [], []
+  for batch in pipeline.eval_batches(trained.config, trained.tokenizer, split, num_examples,
+                                     batch_size):
+    generated += greedy_captions(trained, batch["image"])
+    attributes += [r["attributes"] for r in batch["records"]]
+    truths += [r["captions"][0] for r in batch["records"]]
+  for g, t in list(zip(generated, truths))[:show]:
+    print(f"  generated: {g:<70} true: {t}", file=sys.stderr)
+  exact = [synthetic.score_caption(g, a) for g, a in zip(generated, attributes)]
+  return {"eval": "attributes", "split": split, "num_images": len(generated),
+          "attribute_accuracy": synthetic.attribute_accuracy(generated, attributes),
+          "fully_correct": float(np.mean([c == t for c, t in exact])), "step": trained.step}

@@ -1,0 +1,15 @@
+"""Small shared fixtures for tests: a tiny shapes config."""
+
+from capjax import config as config_lib
+
+
+def tiny_config(**overrides):
+  """shapes_tiny shrunk so a step compiles and runs in well under a second."""
+  args = {"model.width": 32, "model.mlp_dim": 64, "model.num_heads": 2, "model.enc_depth": 1,
+          "model.dec_depth": 1, "model.num_registers": 2, "data.image_size": 32,
+          "model.patch_size": 8, "train.batch_size": 16, "train.num_steps": 40,
+          "train.log_every": 10, "eval.every": 40, "eval.num_examples": 32,
+          "eval.batch_size": 32, "eval.num_captions": 1, "checkpoint.every": 0,
+          "dtype": "float32", "wandb.mode": "disabled", "data.num_threads": 1}
+  args.update(overrides)
+  return config_lib.load("shapes_tiny", [f"--config.{k}={v}" for k, v in args.items()])
