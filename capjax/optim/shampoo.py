@@ -1,24 +1,23 @@
-"""Distributed Shampoo as an `optax.GradientTransformation`.
+"""Distributed Shampoo (Anil et al. 2020, arXiv:2002.09018) as an `optax.GradientTransformation`.
 
-Same update as precondition-opt's `distributed_shampoo` (pmap mode, no
-quantization, `decoupled_learning_rate=True`), checked against it step by step
-in `tests/test_shampoo.py`. Differences: params stacked by `nn.scan` can be
-marked so each layer is preconditioned on its own, and every param's block
-statistics live in one array whose leading axis can be sharded.
+The update of precondition-opt's `distributed_shampoo` (pmap mode, no quantization,
+`decoupled_learning_rate=True`), checked against it step by step in `tests/test_shampoo.py`.
+Added: params stacked by `nn.scan` are preconditioned layer by layer, and each param's block
+matrices live in one array whose leading axis can be sharded.
 
-State layout (`ShampooState.stats` has the params' tree structure, with one
-`ShampooParamState` per param):
-  diagonal_statistics, diagonal_momentum, momentum: shaped like the param
-    (`diagonal_statistics` is a float32 scalar placeholder for "sgd" grafting).
-  statistics, preconditioners: (blocks, B, B) float32, one B x B matrix for
-    each (block, axis) pair of the param, block-major as in the reference;
-    a matrix for an axis of size b < B sits top-left with zeros around it.
-    For a param stacked by scan the leading axis is layers * blocks (layer-major).
+State: `ShampooState(count, stats)`, `stats` having the params' tree structure with one
+`ShampooParamState` per param:
+  diagonal_statistics, diagonal_momentum, momentum: float32, shaped like the param
+    (`diagonal_statistics` is a float32 scalar placeholder with "sgd" grafting);
+  statistics, preconditioners: float32 (blocks, B, B): one B x B matrix per (block, axis) pair,
+    block-major as in the reference; a matrix for an axis of size b < B sits top-left, zeros
+    around it. For a stacked param, blocks = layers * blocks per layer, layer-major.
     A float32 scalar placeholder when the param is not preconditioned.
 """
 
+import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +43,11 @@ class ShampooState(NamedTuple):
   stats: Any
 
 
-# ---------------------------------------------------------------- layout
+# ---------------------------------------------------------------- blocks
 
 
 def merge_small_dims(shape, max_dim):
-  """Merges consecutive dims while their product stays <= max_dim."""
+  """Merges consecutive dims while their product stays <= max_dim (as the reference)."""
   if shape and all(d == 1 for d in shape):
     return (1,)
   merged, product = [], 1
@@ -65,10 +64,10 @@ def merge_small_dims(shape, max_dim):
 
 
 class _Layout(NamedTuple):
-  """Static block layout of one (unstacked) param."""
-  shape: tuple  # the param's shape (one layer's if stacked)
+  """Static block layout of one param (one layer of a stacked param)."""
+  shape: tuple  # the param's shape
   merged: tuple  # shape after merging small dims
-  block: tuple  # block size along each merged axis
+  block: tuple  # block side along each merged axis
   grid: tuple  # number of blocks along each merged axis
   exponent: int  # p in statistics^(-1/p)
 
@@ -81,29 +80,26 @@ class _Layout(NamedTuple):
     return max(self.block)
 
   def stat_sizes(self):
-    """Valid side of each stored matrix, block-major like the reference."""
+    """Valid side of each stored matrix, block-major."""
     per_axis = [[b] * (n - 1) + [d - (n - 1) * b]
                 for d, b, n in zip(self.merged, self.block, self.grid)]
-    sizes = [[s[i] for s, i in zip(per_axis, idx)]
-             for idx in np.ndindex(*self.grid)]
+    sizes = [[s[i] for s, i in zip(per_axis, idx)] for idx in np.ndindex(*self.grid)]
     return np.asarray(sizes, np.int32).reshape(-1)
 
 
 def _make_layout(shape, block_size, merge_dims_to, exponent_override):
-  merged = merge_small_dims(shape, merge_dims_to) if merge_dims_to else shape
+  merged = merge_small_dims(shape, merge_dims_to) if merge_dims_to else tuple(shape)
   block = tuple(block_size if 0 < block_size < d else d for d in merged)
   grid = tuple(-(-d // b) for d, b in zip(merged, block))
-  exponent = exponent_override or 2 * len(merged)
-  return _Layout(tuple(shape), tuple(merged), block, grid, exponent)
+  return _Layout(tuple(shape), merged, block, grid, exponent_override or 2 * len(merged))
 
 
 def _to_blocks(x, layout):
-  """(shape) -> (num_blocks, *block), zero-padding ragged edge blocks."""
-  x = jnp.pad(x.reshape(layout.merged),
-              [(0, n * b - d) for d, b, n in zip(layout.merged, layout.block,
-                                                 layout.grid)])
+  """(shape) -> (num_blocks, *block), zero-padding the ragged edge blocks."""
   k = len(layout.merged)
-  x = x.reshape([v for nb in zip(layout.grid, layout.block) for v in nb])
+  padding = [(0, n * b - d) for d, b, n in zip(layout.merged, layout.block, layout.grid)]
+  x = jnp.pad(x.reshape(layout.merged), padding)
+  x = x.reshape([v for n_b in zip(layout.grid, layout.block) for v in n_b])
   x = x.transpose(list(range(0, 2 * k, 2)) + list(range(1, 2 * k, 2)))
   return x.reshape((layout.num_blocks,) + layout.block)
 
@@ -116,51 +112,40 @@ def _from_blocks(blocks, layout):
   return x[tuple(slice(0, d) for d in layout.merged)].reshape(layout.shape)
 
 
-def _pad_square(m, size):
-  return jnp.pad(m, [(0, size - m.shape[0]), (0, size - m.shape[1])])
-
-
 def _block_grams(grad, layout):
-  """Per block and axis, G G^T over all other axes: (blocks * axes, B, B)."""
+  """G G^T of each block along each axis (contracting the others): (blocks * axes, B, B)."""
   def grams(g):
-    axes = range(g.ndim)
-    return jnp.stack([
-        _pad_square(jnp.tensordot(g, g, axes=([a for a in axes if a != i],) *
-                                  2), layout.size) for i in axes])
-  per_block = jax.vmap(grams)(_to_blocks(grad, layout))
-  return per_block.reshape((-1, layout.size, layout.size))
+    def gram(axis):
+      others = [a for a in range(g.ndim) if a != axis]
+      m = jnp.tensordot(g, g, axes=(others, others))
+      return jnp.pad(m, [(0, layout.size - m.shape[0])] * 2)
+    return jnp.stack([gram(axis) for axis in range(g.ndim)])
+  return jax.vmap(grams)(_to_blocks(grad, layout)).reshape((-1, layout.size, layout.size))
 
 
 def _precondition(grad, preconditioners, layout):
-  """Applies each axis' preconditioner to each block, as the reference."""
-  k = len(layout.merged)
-
   def one_block(g, ps):
-    for i, b in enumerate(layout.block):
-      # Contracting axis 0 and appending the result keeps the axes cycling.
-      g = jnp.tensordot(g, ps[i, :b, :b], axes=[[0], [0]])
+    for axis, b in enumerate(layout.block):
+      # Contracting axis 0 and appending the new axis last cycles through all axes.
+      g = jnp.tensordot(g, ps[axis, :b, :b], axes=[[0], [0]])
     return g
-  ps = preconditioners.reshape((layout.num_blocks, k) + preconditioners.shape[1:])
+  ps = preconditioners.reshape((layout.num_blocks, -1) + preconditioners.shape[1:])
   return _from_blocks(jax.vmap(one_block)(_to_blocks(grad, layout), ps), layout)
 
 
-# ---------------------------------------------------------------- roots
+# ---------------------------------------------------------------- inverse p-th roots
 
 
-def _masked_identity(n, size, dtype):
-  return jnp.eye(n, dtype=dtype) * (jnp.arange(n) < size).astype(dtype)
+def _mask(n, size, dtype):
+  return (jnp.arange(n) < size).astype(dtype)
 
 
 def power_iteration(matrix, size, num_iters=100, error_tolerance=1e-6):
-  """Largest eigenvalue of a PSD matrix whose first `size` rows are valid."""
+  """Largest eigenvalue of a PSD matrix whose top-left `size` x `size` part is used."""
   n = matrix.shape[-1]
-  # The reference's fixed start; a prefix of it is the same for any n.
+  # The reference's fixed start vector; its prefix does not depend on n.
   v_0 = np.random.RandomState(1729).uniform(-1.0, 1.0, n).astype(matrix.dtype)
-  v_0 = jnp.asarray(v_0) * (jnp.arange(n) < size)
-
-  def cond(state):
-    i, _, _, run = state
-    return jnp.logical_and(i < num_iters, run)
+  v_0 = jnp.asarray(v_0) * _mask(n, size, matrix.dtype)
 
   def body(state):
     i, v, s, _ = state
@@ -169,8 +154,8 @@ def power_iteration(matrix, size, num_iters=100, error_tolerance=1e-6):
     s_new = jnp.einsum("i,i->", v, s_v, precision=_HIGHEST)
     return i + 1, s_v, s_new, jnp.abs(s_new - s) > error_tolerance
 
-  init = (0, v_0, jnp.zeros([], matrix.dtype), True)
-  return lax.while_loop(cond, body, init)[2]
+  cond = lambda state: jnp.logical_and(state[0] < num_iters, state[3])
+  return lax.while_loop(cond, body, (0, v_0, jnp.zeros([], matrix.dtype), True))[2]
 
 
 def _mat_power(m, p):
@@ -185,36 +170,31 @@ def _mat_power(m, p):
   return result
 
 
-def _ridge(matrix, size, ridge_epsilon, relative, floor):
-  if not relative:
-    return ridge_epsilon
-  return ridge_epsilon * jnp.maximum(power_iteration(matrix, size), floor)
-
-
-def matrix_inverse_pth_root(matrix, p, size, ridge_epsilon=1e-6,
-                            relative_matrix_epsilon=True, num_iters=100,
-                            error_tolerance=1e-6):
-  """(matrix + eps I)^(-1/p) by coupled Newton iteration (Higham, eq. 7.18).
-
-  Only the top-left `size` x `size` part of `matrix` is used; the rest of the
-  result is zero. Retries with 10x more damping (up to 6 times) when the
-  iteration ends with error > 0.05. Returns (root, error), error being
-  max|M_k - I| of the final iterate.
-  """
-  n = matrix.shape[0]
-  mask = (jnp.arange(n) < size).astype(matrix.dtype)
+def _masked_and_ridge(matrix, size, ridge_epsilon, relative, floor):
+  mask = _mask(matrix.shape[0], size, matrix.dtype)
   matrix = matrix * mask[None, :] * mask[:, None]
-  identity = _masked_identity(n, size, matrix.dtype)
+  if relative:
+    ridge_epsilon = ridge_epsilon * jnp.maximum(power_iteration(matrix, size), floor)
+  return matrix, jnp.diag(mask), ridge_epsilon
+
+
+def matrix_inverse_pth_root(matrix, p, size, ridge_epsilon=1e-6, relative_matrix_epsilon=True,
+                            num_iters=100, error_tolerance=1e-6):
+  """(matrix + eps I)^(-1/p) by coupled Newton iteration (Higham, Functions of Matrices, 7.18).
+
+  Uses the top-left `size` x `size` part of `matrix` (the rest of the root is zero);
+  eps = ridge_epsilon, times the largest eigenvalue if `relative_matrix_epsilon`. Retries with
+  10x the damping, up to 6 times, while the error exceeds 0.05. Returns (root, error), error
+  being max|M - I| of the last iterate (the caller rejects roots with too large an error).
+  """
+  matrix, identity, ridge = _masked_and_ridge(matrix, size, ridge_epsilon,
+                                              relative_matrix_epsilon, _EPSILON)
   alpha = jnp.asarray(-1.0 / p, matrix.dtype)
-  ridge = _ridge(matrix, size, ridge_epsilon, relative_matrix_epsilon, _EPSILON)
-  # The error may grow for a step before converging; bound that growth.
-  max_error_ratio = 1.2
+  max_error_ratio = 1.2  # the error may grow a little before it converges
 
   def inner_cond(state):
     i, _, _, _, error, ratio = state
-    return jnp.logical_and(
-        i < num_iters,
-        jnp.logical_and(error > error_tolerance, ratio < max_error_ratio))
+    return (i < num_iters) & (error > error_tolerance) & (ratio < max_error_ratio)
 
   def inner_body(state):
     i, mat_m, mat_h, _, error, _ = state
@@ -224,55 +204,50 @@ def matrix_inverse_pth_root(matrix, p, size, ridge_epsilon=1e-6,
     new_error = jnp.max(jnp.abs(new_mat_m - identity))
     return i + 1, new_mat_m, new_mat_h, mat_h, new_error, new_error / error
 
-  def outer_cond(state):
-    i, _, _, failed = state
-    return jnp.logical_and(failed, i < 6)
-
   def outer_body(state):
     i = state[0]
     damped = matrix + ridge * (10**i) * identity
     z = (1 + p) / (2 * jnp.linalg.norm(damped))
-    mat_m_0 = damped * z
-    mat_h_0 = identity * jnp.power(z, 1.0 / p)
-    init = (0, mat_m_0, mat_h_0, mat_h_0,
-            jnp.max(jnp.abs(mat_m_0 - identity)), 1.0)
-    _, mat_m, mat_h, old_mat_h, _, ratio = lax.while_loop(inner_cond, inner_body,
-                                                          init)
+    mat_m, mat_h = damped * z, identity * jnp.power(z, 1.0 / p)
+    init = (0, mat_m, mat_h, mat_h, jnp.max(jnp.abs(mat_m - identity)), 1.0)
+    _, mat_m, mat_h, old_mat_h, _, ratio = lax.while_loop(inner_cond, inner_body, init)
     error = jnp.max(jnp.abs(mat_m - identity)).astype(jnp.float32)
     root = jnp.where(ratio < max_error_ratio, mat_h, old_mat_h)
     return i + 1, root, error, error > 0.05
 
+  outer_cond = lambda state: jnp.logical_and(state[3], state[0] < 6)
   init = (0, identity, jnp.float32(1000.0), True)
   _, root, error, _ = lax.while_loop(outer_cond, outer_body, init)
   return root, error
 
 
 def matrix_inverse_pth_root_eigh(matrix, p, size, ridge_epsilon=1e-6,
-                                 relative_matrix_epsilon=True,
-                                 error_tolerance=1e-6):
-  """As `matrix_inverse_pth_root`, by eigendecomposition (the reference's eigh)."""
-  n = matrix.shape[0]
-  mask = (jnp.arange(n) < size).astype(matrix.dtype)
-  matrix = matrix * mask[None, :] * mask[:, None]
-  ridge = _ridge(matrix, size, ridge_epsilon, relative_matrix_epsilon,
-                 error_tolerance)
-  regularized = matrix + ridge * _masked_identity(n, size, matrix.dtype)
+                                 relative_matrix_epsilon=True, error_tolerance=1e-6):
+  """As `matrix_inverse_pth_root`, by eigendecomposition (error: of the decomposition)."""
+  matrix, identity, ridge = _masked_and_ridge(matrix, size, ridge_epsilon,
+                                              relative_matrix_epsilon, error_tolerance)
+  regularized = matrix + ridge * identity
   e, u = jnp.linalg.eigh(regularized)
-  # Padding adds n - size zero eigenvalues, which sort first.
-  e = e * jnp.flip(mask)
+  valid = jnp.flip(jnp.diag(identity))  # the padding's zero eigenvalues sort first
+  e = e * valid
   inv_e = jnp.where(e == 0.0, 0.0, jnp.power(jnp.maximum(e, ridge), -1.0 / p))
   root = u * jnp.sqrt(inv_e)
-  recovered = jnp.matmul(u.T, jnp.matmul(regularized, u, precision=_HIGHEST),
-                         precision=_HIGHEST)
-  error = jnp.max(jnp.abs((recovered - jnp.diag(e)) * jnp.flip(mask)))
-  return jnp.matmul(root, root.T, precision=_HIGHEST), error.astype(jnp.float32)
+  mm = functools.partial(jnp.matmul, precision=_HIGHEST)
+  error = jnp.max(jnp.abs((mm(u.T, mm(regularized, u)) - jnp.diag(e)) * valid))
+  return mm(root, root.T), error.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- optimizer
 
 
+def stacked_from_logical_axes(param_axes):
+  """`stacked_leading_axis` from the params' logical axes: those starting with "layers"."""
+  return jax.tree.map(lambda names: bool(names) and names[0] == "layers", param_axes,
+                      is_leaf=lambda x: type(x) is tuple)
+
+
 def _split_layers(state, layers):
-  """(layers * blocks, B, B) -> (layers, blocks, B, B) for a stacked param."""
+  """(layers * blocks, B, B) -> (layers, blocks, B, B); placeholders stay."""
   split = lambda x: x.reshape((layers, -1) + x.shape[1:]) if x.ndim else x
   return state._replace(statistics=split(state.statistics),
                         preconditioners=split(state.preconditioners))
@@ -282,12 +257,6 @@ def _merge_layers(state):
   merge = lambda x: x.reshape((-1,) + x.shape[2:]) if x.ndim else x
   return state._replace(statistics=merge(state.statistics),
                         preconditioners=merge(state.preconditioners))
-
-
-def stacked_from_logical_axes(param_axes):
-  """Stacked flags for `shampoo` from params' logical axes: leading "layers"."""
-  return jax.tree.map(lambda names: bool(names) and names[0] == "layers",
-                      param_axes, is_leaf=lambda x: type(x) is tuple)
 
 
 def shampoo(
@@ -313,72 +282,62 @@ def shampoo(
     eigh: bool = False,
     stacked_leading_axis: Optional[Any] = None,
 ) -> optax.GradientTransformation:
-  """Distributed Shampoo (Anil et al. 2020, arXiv:2002.09018).
+  """Distributed Shampoo; arguments mean what they mean in precondition-opt's.
 
-  Arguments mean what they mean in precondition-opt's `distributed_shampoo`;
-  `graft_type` is one of GRAFT_TYPES. One default differs: params of rank < 2
-  (biases, norm scales, scalars) are not preconditioned
-  (`skip_preconditioning_rank_lt=2`; the reference's is 1). Such params, and
-  params with a dim > `skip_preconditioning_dim_size_gt`, follow the grafted
-  update only. The learning rate multiplies the update after momentum.
+  `graft_type` is one of GRAFT_TYPES. One default differs from the reference's: params of rank
+  < 2 (biases, norm scales, scalars) are not preconditioned (`skip_preconditioning_rank_lt=2`;
+  the reference's is 1). They, and params with a dim > `skip_preconditioning_dim_size_gt`,
+  take the grafted (diagonal) update. Weight decay is added to the gradient-based update
+  before momentum, and the learning rate scales the update after momentum, as the reference's
+  defaults do. `eigh=True` computes inverse roots by eigendecomposition, not coupled Newton.
 
-  `stacked_leading_axis`: bools with the params' tree structure (or a prefix
-  of it), True for params stacked by `nn.scan` (see
-  `stacked_from_logical_axes`); each slice along their leading axis is
-  treated as an independent param (own blocks, norms and grafting).
-  `eigh=True` computes inverse roots by eigendecomposition instead of
-  coupled Newton.
+  `stacked_leading_axis`: bools with the params' tree structure (or a prefix of it), True for
+  params stacked by `nn.scan` (see `stacked_from_logical_axes`). Each slice of such a param
+  along its leading axis is preconditioned and grafted as an independent param.
   """
   if graft_type not in GRAFT_TYPES:
-    raise ValueError(f"graft_type={graft_type!r}; expected one of {GRAFT_TYPES}")
+    raise ValueError(f"shampoo: graft_type={graft_type!r}, expected one of {GRAFT_TYPES}.")
   merge_to = merge_small_dims_block_size if best_effort_shape_interpretation else 0
-  # The reference's weights: beta2 == 1 accumulates a plain sum.
-  w1, w2 = beta2, (1.0 if beta2 == 1.0 else 1.0 - beta2)
+  w1, w2 = beta2, (1.0 if beta2 == 1.0 else 1.0 - beta2)  # beta2 == 1: a plain sum
   momentum_weight = 1.0 - beta1 if moving_average_for_momentum else 1.0
 
-  def preconditioned(shape):
-    return (len(shape) >= skip_preconditioning_rank_lt and
-            all(d <= skip_preconditioning_dim_size_gt for d in shape))
-
   def layout_of(shape):
+    """The block layout of a param (one layer's shape), None for graft-only params."""
+    if (len(shape) < skip_preconditioning_rank_lt or
+        any(d > skip_preconditioning_dim_size_gt for d in shape)):
+      return None
     return _make_layout(shape, block_size, merge_to, exponent_override)
 
-  def flat_flags(treedef, tree):
+  def stacked_flags(treedef, leaves):
     if stacked_leading_axis is None:
-      return [False] * treedef.num_leaves
-    flags = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: flag, sub),
-                         stacked_leading_axis, jax.tree.unflatten(treedef, tree))
+      return [False] * len(leaves)
+    flags = jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: flag, subtree),
+                         stacked_leading_axis, jax.tree.unflatten(treedef, leaves))
     return treedef.flatten_up_to(flags)
 
   def init_param(param, stacked):
-    shape = param.shape[1:] if stacked else param.shape
-    layers = param.shape[0] if stacked else 1
-    zeros = jnp.zeros(param.shape, jnp.float32)
-    diagonal = zeros if graft_type != "sgd" else jnp.zeros([], jnp.float32)
-    if not preconditioned(shape):
-      placeholder = jnp.zeros([], jnp.float32)
-      return ShampooParamState(diagonal, zeros, zeros, placeholder, placeholder)
+    layers, shape = (param.shape[0], param.shape[1:]) if stacked else (1, param.shape)
+    zeros, placeholder = jnp.zeros(param.shape, jnp.float32), jnp.zeros([], jnp.float32)
+    diagonal = placeholder if graft_type == "sgd" else zeros
     layout = layout_of(shape)
-    sizes = np.tile(layout.stat_sizes(), layers)
-    eye = jax.vmap(lambda s: _masked_identity(layout.size, s, jnp.float32))(sizes)
+    if layout is None:
+      return ShampooParamState(diagonal, zeros, zeros, placeholder, placeholder)
+    valid = np.arange(layout.size) < np.tile(layout.stat_sizes(), layers)[:, None, None]
+    eye = jnp.asarray(np.eye(layout.size) * valid, jnp.float32)
     return ShampooParamState(diagonal, zeros, zeros, matrix_epsilon * eye, eye)
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
-    states = map(init_param, leaves, flat_flags(treedef, leaves))
-    return ShampooState(jnp.zeros([], jnp.int32),
-                        jax.tree.unflatten(treedef, list(states)))
+    states = map(init_param, leaves, stacked_flags(treedef, leaves))
+    return ShampooState(jnp.zeros([], jnp.int32), jax.tree.unflatten(treedef, list(states)))
 
   def inverse_roots(stats, old, layout, layers):
     """New preconditioners where the root succeeded, else the old ones."""
+    root_fn = functools.partial(matrix_inverse_pth_root_eigh if eigh else matrix_inverse_pth_root,
+                                p=layout.exponent, ridge_epsilon=matrix_epsilon,
+                                relative_matrix_epsilon=relative_matrix_epsilon)
     sizes = np.tile(layout.stat_sizes(), layers)
-    if eigh:
-      root_fn = lambda m, s: matrix_inverse_pth_root_eigh(
-          m, layout.exponent, s, matrix_epsilon, relative_matrix_epsilon)
-    else:
-      root_fn = lambda m, s: matrix_inverse_pth_root(
-          m, layout.exponent, s, matrix_epsilon, relative_matrix_epsilon)
-    roots, errors = jax.vmap(root_fn)(stats, sizes)
+    roots, errors = jax.vmap(lambda m, size: root_fn(m, size=size))(stats, sizes)
     failed = jnp.isnan(errors) | (errors >= inverse_failure_threshold)
     return jnp.where(failed[:, None, None], old, roots)
 
@@ -395,88 +354,63 @@ def shampoo(
     return grad / (jnp.sqrt(diagonal) + diagonal_epsilon), diagonal
 
   def transform(grad, param, state, layout, step, lr):
-    """One (unstacked) param's update, with its already updated matrices."""
+    """One layer's update, given its new statistics and preconditioners."""
     graft_update, diagonal = graft(grad, state.diagonal_statistics)
-    if layout is None:
-      precond_grad = graft_update
-    else:
-      precond_grad = _precondition(grad, state.preconditioners, layout)
-    # Grafting: Shampoo's direction with the first-order update's norm.
+    precond_grad = (graft_update if layout is None else
+                    _precondition(grad, state.preconditioners, layout))
+    # Shampoo's direction with the grafted update's norm.
     shampoo_update = precond_grad * (jnp.linalg.norm(graft_update) /
                                      (jnp.linalg.norm(precond_grad) + _EPSILON))
     if weight_decay != 0:
       shampoo_update = shampoo_update + weight_decay * param
       graft_update = graft_update + weight_decay * param
     momentum = state.momentum * beta1 + momentum_weight * shampoo_update
-    diagonal_momentum = (state.diagonal_momentum * beta1 +
-                         momentum_weight * graft_update)
-    run_shampoo = step >= start_preconditioning_step
-    update = jnp.where(run_shampoo, momentum, diagonal_momentum)
+    diagonal_momentum = state.diagonal_momentum * beta1 + momentum_weight * graft_update
+    # The reference's 0/1 blend rather than jnp.where: XLA then rounds the same way.
+    run_shampoo = (step >= start_preconditioning_step).astype(jnp.float32)
+    blend = lambda a, b: run_shampoo * a + (1.0 - run_shampoo) * b
+    update = blend(momentum, diagonal_momentum)
     if nesterov:
-      update = (momentum_weight *
-                jnp.where(run_shampoo, shampoo_update, graft_update) +
-                beta1 * update)
-    new_state = state._replace(diagonal_statistics=diagonal,
-                               diagonal_momentum=diagonal_momentum,
-                               momentum=momentum)
-    return -lr * update, new_state
+      update = momentum_weight * blend(shampoo_update, graft_update) + beta1 * update
+    return -lr * update, state._replace(diagonal_statistics=diagonal,
+                                        diagonal_momentum=diagonal_momentum, momentum=momentum)
+
+  def update_param(grad, param, state, stacked, step, lr):
+    layers, shape = (grad.shape[0], grad.shape[1:]) if stacked else (1, grad.shape)
+    layout = layout_of(shape)
+    per_layer = jax.vmap if stacked else lambda fn, **_: fn
+    grad = grad.astype(jnp.float32)
+    if layout is not None:
+      grams = per_layer(lambda g: _block_grams(g, layout))(grad)
+      stats = w1 * state.statistics + w2 * grams.reshape(state.statistics.shape)
+      roots = lambda: inverse_roots(stats, state.preconditioners, layout, layers)
+      if preconditioning_compute_steps > 1:
+        roots = functools.partial(lax.cond, step % preconditioning_compute_steps == 0, roots,
+                                  lambda: state.preconditioners)
+      state = state._replace(statistics=stats, preconditioners=roots())
+    state = _split_layers(state, layers) if stacked else state
+    axes = jax.tree.map(lambda x: 0 if x.ndim else None, state)
+    update, state = per_layer(
+        functools.partial(transform, layout=layout, step=step, lr=lr),
+        in_axes=(0, None if param is None else 0, axes), out_axes=(0, axes))(grad, param, state)
+    return update, _merge_layers(state) if stacked else state
 
   def update_fn(grads, state, params=None):
     if weight_decay != 0 and params is None:
-      raise ValueError("shampoo with weight_decay != 0 needs params in update")
+      raise ValueError("shampoo: weight_decay != 0 needs params passed to update.")
     grads_flat, treedef = jax.tree.flatten(grads)
-    states = treedef.flatten_up_to(state.stats)
-    params_flat = (treedef.flatten_up_to(params) if params is not None else
-                   [None] * len(grads_flat))
-    stacked = flat_flags(treedef, grads_flat)
-    step = state.count
-    lr = learning_rate(step) if callable(learning_rate) else learning_rate
-
-    layouts, layers = [], []
-    for g, is_stacked in zip(grads_flat, stacked):
-      shape = g.shape[1:] if is_stacked else g.shape
-      layouts.append(layout_of(shape) if preconditioned(shape) else None)
-      layers.append(g.shape[0] if is_stacked else 1)
-
-    def per_layer(fn, is_stacked):
-      return jax.vmap(fn) if is_stacked else fn
-
-    new_stats = []
-    for g, s, layout, is_stacked in zip(grads_flat, states, layouts, stacked):
-      if layout is None:
-        new_stats.append(s.statistics)
-        continue
-      grams = per_layer(lambda x: _block_grams(x, layout), is_stacked)(
-          g.astype(jnp.float32))
-      new_stats.append(w1 * s.statistics + w2 * grams.reshape(s.statistics.shape))
-
-    def compute_roots():
-      return [s.preconditioners if layout is None else
-              inverse_roots(stats, s.preconditioners, layout, n)
-              for stats, s, layout, n in zip(new_stats, states, layouts, layers)]
-
-    old = [s.preconditioners for s in states]
-    new_preconditioners = lax.cond(step % preconditioning_compute_steps == 0,
-                                   compute_roots, lambda: old)
-
+    params_flat = ([None] * len(grads_flat) if params is None else
+                   treedef.flatten_up_to(params))
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     updates, new_states = [], []
-    for g, p, s, layout, is_stacked, n, stats, precond in zip(
-        grads_flat, params_flat, states, layouts, stacked, layers, new_stats,
-        new_preconditioners):
-      s = s._replace(statistics=stats, preconditioners=precond)
-      fn = lambda g_, p_, s_: transform(g_.astype(jnp.float32), p_, s_, layout,
-                                         step, lr)
-      if is_stacked:
-        s = _split_layers(s, n)
-        state_axes = jax.tree.map(lambda x: 0 if x.ndim else None, s)
-        fn = jax.vmap(fn, in_axes=(0, None if p is None else 0, state_axes),
-                      out_axes=(0, state_axes))
-      update, s = fn(g, p, s)
-      new_states.append(_merge_layers(s) if is_stacked else s)
-      updates.append(update.astype(g.dtype))
-
+    for grad, param, param_state, stacked in zip(
+        grads_flat, params_flat, treedef.flatten_up_to(state.stats),
+        stacked_flags(treedef, grads_flat)):
+      update, param_state = update_param(grad, param, param_state, stacked, state.count, lr)
+      updates.append(update.astype(grad.dtype))
+      new_states.append(param_state)
     return (jax.tree.unflatten(treedef, updates),
-            ShampooState(step + 1, jax.tree.unflatten(treedef, new_states)))
+            ShampooState(state.count + 1, jax.tree.unflatten(treedef, new_states)))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -485,37 +419,31 @@ def shampoo(
 
 
 def is_logical_axes_leaf(x) -> bool:
-  """Leaf predicate for trees returned by `state_logical_axes`."""
+  """Leaf predicate for the trees `state_logical_axes` returns."""
   return x is None or type(x) is tuple
 
 
-def state_logical_axes(opt_state: ShampooState, param_axes: Any = None):
-  """Logical axis names for each leaf of a Shampoo state.
+def state_logical_axes(opt_state: ShampooState, param_axes: Any = None) -> ShampooState:
+  """Logical axis names of each leaf of a Shampoo state (or of `jax.eval_shape(opt.init, ...)`).
 
-  Takes the state or its abstract version (`jax.eval_shape(opt.init, params)`)
-  and returns a `ShampooState` of the same structure whose leaves are:
-    ("opt_blocks", None, None) for `statistics` and `preconditioners` arrays:
-      shard the leading (blocks) axis, e.g. over the FSDP mesh axis when it
-      divides that axis; else replicate;
-    None for leaves shaped like their param (grafting statistics and momenta):
-      shard them like the param;
+  Returns a `ShampooState` of the same structure whose leaves are
+    ("opt_blocks", None, None) for `statistics` and `preconditioners`: shard the leading
+      (blocks) axis, e.g. over the fsdp mesh axis when that divides it, else replicate;
+    None for leaves shaped like their param (grafting statistics, momenta): shard them as
+      that param is sharded;
     () for scalars (the step count, placeholders): replicate.
-  With `param_axes` (the params' logical axes, tuples of names with the
-  params' structure) the None markers are replaced by the param's axes.
-  Walk the result with `is_leaf=is_logical_axes_leaf`; its leaves then line
-  up one to one with `jax.tree.leaves(opt_state)`.
+  Given `param_axes` (the params' logical axis names, tuples in the params' tree structure),
+  the None markers become the param's names. Walk the result with
+  `is_leaf=is_logical_axes_leaf`: its leaves then pair up with `jax.tree.leaves(opt_state)`.
   """
-  def param_state_axes(s, axes=None):
+  def param_state_axes(s, names):
     blocks = lambda x: ("opt_blocks", None, None) if x.ndim == 3 else ()
-    like_param = lambda x: (axes if axes is not None else None) if x.ndim else ()
-    return ShampooParamState(like_param(s.diagonal_statistics),
-                             like_param(s.diagonal_momentum),
+    like_param = lambda x: names if x.ndim else ()
+    return ShampooParamState(like_param(s.diagonal_statistics), like_param(s.diagonal_momentum),
                              like_param(s.momentum), blocks(s.statistics),
                              blocks(s.preconditioners))
 
   is_param_state = lambda x: isinstance(x, ShampooParamState)
   leaves, treedef = jax.tree.flatten(opt_state.stats, is_leaf=is_param_state)
-  axes = (treedef.flatten_up_to(param_axes) if param_axes is not None else
-          [None] * len(leaves))
-  return ShampooState((), jax.tree.unflatten(
-      treedef, [param_state_axes(s, a) for s, a in zip(leaves, axes)]))
+  names = [None] * len(leaves) if param_axes is None else treedef.flatten_up_to(param_axes)
+  return ShampooState((), jax.tree.unflatten(treedef, list(map(param_state_axes, leaves, names))))
