@@ -76,8 +76,8 @@ def train(config, workdir: str):
   optimizer = factory.make_optimizer(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
                                  config.checkpoint.keep)
-  data_iter = iter(pipeline.train_dataset(
-      config, tok.path, jax.process_index(), jax.process_count()))
+  dataset = pipeline.train_dataset(config, tok.path, jax.process_index(), jax.process_count())
+  data_iter = iter(dataset)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state_sh = trainer.state_shardings(model, optimizer, config, mesh)
     state = trainer.create_state(model, optimizer, config, mesh)
@@ -108,6 +108,7 @@ def train(config, workdir: str):
         metrics["perf/examples_per_s"] = config.train.batch_size / step_time
         metrics["perf/mfu"] = flops_per_step / step_time / peak
         metrics["perf/step_time_s"] = step_time
+        metrics.update(pipeline.skip_metrics(dataset))  # data/skipped_<reason>, this process
         if not np.isfinite(metrics["train/loss"]):
           raise FloatingPointError(f"Non-finite loss {metrics['train/loss']} at step {step}.")
         writer.write(step, metrics)
@@ -136,7 +137,11 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   initialize_distributed(args)
-  train(config, args.workdir)
+  try:
+    train(config, args.workdir)
+  except (config_lib.ConfigError, pipeline.DataNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ def get_config():
   c = base()
   c.model.update(vocab_size=4096, max_len=32, patch_size=8, width=128, enc_depth=2, dec_depth=2,
                  mlp_dim=512, num_heads=4, num_registers=4)
-  c.data.update(name="flickr8k", dir="", image_size=128)
+  # Captions lower-cased (as in seed 000's outputs); punctuation kept.
+  c.data.update(name="flickr8k", dir="", image_size=128, resize="center_crop", lowercase=True,
+                strip_punctuation=False)
   c.tokenizer.update(model_type="unigram", vocab_size=4096)
   c.objective.masked_pred_prob = 0.75
   c.train.update(num_steps=6000, batch_size=64, log_every=50)

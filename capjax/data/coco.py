@@ -114,7 +114,7 @@ def make_source(data_config: ml_collections.ConfigDict,
   skips = images.SkipCounter()
   items = build_items(load_entries(json_path, root), root, wanted, skips)
   if not items:
-    raise ValueError(
+    raise images.DataNotFoundError(
         f"COCO split {split!r} in {root!r} has no usable images "
         f"(skipped: {skips.as_dict()}). " + expected_layout_message(root))
   return images.ImageFileSource(

@@ -59,16 +59,15 @@ SPLITS = ("train", "val", "test")
 
 
 def expected_layouts_message(root: str) -> str:
-  """The two accepted layouts, with full paths under `root`."""
+  """The two accepted layouts, with full paths under `root`, on one line."""
   j = lambda *p: os.path.join(root, *p)
   original = ", ".join([j(ORIGINAL_IMAGE_DIRS[0], "*.jpg"), j(TOKEN_FILE)]
                        + [j(f) for f in SPLIT_FILES.values()])
   return (
-      "Put one of these layouts there by hand (nothing is downloaded at run "
-      "time):\n"
-      f"  original: {original} (text files may also be in {j(TEXT_SUBDIR)})\n"
-      f"  Kaggle:   {j(KAGGLE_IMAGE_DIR, '*.jpg')}, {j(KAGGLE_CAPTIONS)} "
-      "(CSV with header image,caption)")
+      f"expected the original layout ({original}; the text files may also be "
+      f"in {j(TEXT_SUBDIR)}) or the Kaggle layout ({j(KAGGLE_IMAGE_DIR, '*.jpg')}, "
+      f"{j(KAGGLE_CAPTIONS)} as a CSV with header image,caption); put the files "
+      "there by hand, nothing is downloaded at run time.")
 
 
 def _find_text_file(root: str, name: str) -> str | None:
@@ -90,7 +89,7 @@ def detect_layout(root: str) -> str:
   """Returns "original" or "kaggle"; raises `DataNotFoundError` otherwise."""
   if not root or not os.path.isdir(root):
     raise images.DataNotFoundError(
-        f"Flickr8k: data.dir={root!r} is not a folder.\n"
+        f"Flickr8k: data.dir={root!r} is not a folder (set --config.data.dir); "
         + expected_layouts_message(root or "<data.dir>"))
   original_missing = [] if _find_original_image_dir(root) else [
       ORIGINAL_IMAGE_DIRS[0] + "/"]
@@ -110,7 +109,7 @@ def detect_layout(root: str) -> str:
   raise images.DataNotFoundError(
       f"Flickr8k: incomplete or missing dataset in data.dir={root!r}: the "
       f"original layout lacks {', '.join(original_missing)}; the Kaggle "
-      f"layout lacks {', '.join(kaggle_missing)}.\n"
+      f"layout lacks {', '.join(kaggle_missing)}; "
       + expected_layouts_message(root))
 
 
@@ -235,7 +234,7 @@ def make_source(data_config: ml_collections.ConfigDict,
   root = data_config.get("dir", None)
   items = load_items(root, split, skips)
   if not items:
-    raise ValueError(
+    raise images.DataNotFoundError(
         f"Flickr8k split {split!r} in {root!r} has no usable images "
         f"(skipped: {skips.as_dict()}).")
   return images.ImageFileSource(

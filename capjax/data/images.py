@@ -84,6 +84,9 @@ class SkipCounter:
     self._lock = threading.Lock()
     # Only used if the directory became unwritable (never lose a count).
     self._fallback = collections.Counter()
+    # file name -> (bytes read so far, counts in them): `as_dict` reads only
+    # what was appended since its last call, so logging it often stays cheap.
+    self._read: dict[str, tuple[int, collections.Counter]] = {}
 
   def add(self, reason: str, count: int = 1) -> None:
     if count <= 0:
@@ -97,19 +100,30 @@ class SkipCounter:
         self._fallback[reason] += count
 
   def as_dict(self) -> dict[str, int]:
-    counts = collections.Counter(self._fallback)
     with self._lock:
       try:
         names = sorted(os.listdir(self._dir))
       except OSError:
         names = []
       for name in names:
-        try:
-          with open(os.path.join(self._dir, name), encoding="utf-8") as f:
-            counts.update(line.rstrip("\n") for line in f if line.strip())
-        except OSError:
-          continue
+        self._read_appended(name)
+      counts = collections.Counter(self._fallback)
+      for _, file_counts in self._read.values():
+        counts.update(file_counts)
     return dict(sorted(counts.items()))
+
+  def _read_appended(self, name: str) -> None:
+    offset, counts = self._read.get(name, (0, collections.Counter()))
+    try:
+      with open(os.path.join(self._dir, name), "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    except OSError:
+      return
+    complete = data.rfind(b"\n") + 1  # A line still being written counts next time.
+    text = data[:complete].decode("utf-8", errors="replace")
+    counts.update(line for line in text.split("\n") if line.strip())
+    self._read[name] = (offset + complete, counts)
 
   @property
   def total(self) -> int:
@@ -123,6 +137,7 @@ class SkipCounter:
     self._dir = state["dir"]
     self._lock = threading.Lock()
     self._fallback = collections.Counter(state["fallback"])
+    self._read = {}
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
@@ -237,6 +252,10 @@ class ImageFileSource:
 
   def __len__(self) -> int:
     return len(self._items)
+
+  def captions(self, index: int) -> list[str]:
+    """The item's captions without reading its image (for tokenizer training)."""
+    return list(self._items[index][2])
 
   def __getitem__(self, index: int) -> dict | None:
     key, path, captions = self._items[index]

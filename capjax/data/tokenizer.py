@@ -2,10 +2,13 @@
 
 import io
 import os
+import re
 from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
+
+from capjax.config import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MASK_PIECE = "<mask>"
@@ -13,15 +16,34 @@ MODEL_TYPES = ("word", "char", "unigram", "bpe")
 
 
 def train(captions: Iterable[str], path: str, vocab_size: int, model_type: str = "unigram"):
-  """Trains a model on `captions` and writes it to `path`. Returns a `Tokenizer`."""
+  """Trains a model on `captions` and writes it to `path`. Returns a `Tokenizer`.
+
+  `vocab_size` is an upper bound: a corpus with fewer distinct pieces gets a
+  smaller vocabulary (sentencepiece's `hard_vocab_limit=False`). A bound below
+  what the corpus needs (one piece per distinct character plus the special
+  ones) or an empty corpus is a `config.ConfigError` saying so.
+  """
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"Unknown tokenizer model_type={model_type!r}; expected one of {MODEL_TYPES}.")
+    raise ConfigError(f"Unknown tokenizer.model_type={model_type!r}; expected one of "
+                      f"{MODEL_TYPES}.")
+  captions = [c for c in captions if c.strip()]
+  if not captions:
+    raise ConfigError("No captions to train the tokenizer on (the training split is empty).")
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size,
-      model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-      user_defined_symbols=[MASK_PIECE], hard_vocab_limit=False, character_coverage=1.0,
-      minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+        user_defined_symbols=[MASK_PIECE], hard_vocab_limit=False, character_coverage=1.0,
+        minloglevel=2)
+  except RuntimeError as e:
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+    if needed is None:
+      raise
+    raise ConfigError(
+        f"tokenizer.vocab_size={vocab_size} is too small for the {len(captions)} training "
+        f"captions: a {model_type} model needs at least {needed.group(1)} pieces (one per "
+        "distinct character plus the special ones).") from None
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "wb") as f:
     f.write(model.getvalue())
@@ -51,11 +73,15 @@ class Tokenizer:
     return tokens
 
   def decode(self, ids) -> str:
-    """Stops at the first EOS; ignores BOS/PAD/MASK."""
+    """Stops at the first EOS; ignores BOS/PAD/MASK.
+
+    Ids past the vocabulary (a model's `vocab_size` may exceed the tokenizer's,
+    and an untrained model emits any id) decode as UNK.
+    """
     out = []
     for i in np.asarray(ids).tolist():
       if i == EOS_ID:
         break
       if i not in (PAD_ID, BOS_ID, self.mask_id):
-        out.append(i)
+        out.append(i if 0 <= i < self.vocab_size else UNK_ID)
     return self.sp.decode(out)

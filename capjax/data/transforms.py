@@ -38,13 +38,21 @@ def _scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 
 def resize_center_crop(image_HxWx3: np.ndarray, size: int) -> np.ndarray:
-  """Resizes the shorter side to `size`, then crops the central size x size."""
+  """The central square (side: the shorter side) resized to size x size.
+
+  The same as resizing the shorter side to `size` and cropping the centre, but
+  only the kept square is resampled: cheaper, and bounded for any aspect ratio
+  (a 1 x 10^6 strip does not become a 128 x 10^8 intermediate).
+  """
   height, width = image_HxWx3.shape[:2]
-  new_h, new_w = _scaled_size(height, width, size / min(height, width))
-  new_h, new_w = max(new_h, size), max(new_w, size)
-  resized = resize(image_HxWx3, new_h, new_w)
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  return resized[top:top + size, left:left + size]
+  if (height, width) == (size, size):
+    return image_HxWx3
+  side = min(height, width)
+  top, left = (height - side) / 2, (width - side) / 2
+  # PIL reads pixels just outside `box` for the filter, as a crop after a resize would.
+  resized = Image.fromarray(image_HxWx3).resize(
+      (size, size), _RESAMPLE, box=(left, top, left + side, top + side))
+  return np.asarray(resized, dtype=np.uint8)
 
 
 def letterbox(image_HxWx3: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
@@ -54,6 +62,8 @@ def letterbox(image_HxWx3: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
   caption may mention something near the border.
   """
   height, width = image_HxWx3.shape[:2]
+  if (height, width) == (size, size):
+    return image_HxWx3
   new_h, new_w = _scaled_size(height, width, size / max(height, width))
   new_h, new_w = min(new_h, size), min(new_w, size)
   resized = resize(image_HxWx3, new_h, new_w)
@@ -103,6 +113,26 @@ def random_resized_crop(
   height, width = image_HxWx3.shape[:2]
   top, left, h, w = random_crop_box(height, width, rng, scale, ratio)
   return resize(image_HxWx3[top:top + h, left:left + w], size, size)
+
+
+RESIZE_MODES = ("center_crop", "letterbox", "random_resized_crop")
+
+
+def to_square(image_HxWx3: np.ndarray, size: int, mode: str = "center_crop",
+              rng: np.random.Generator | None = None) -> np.ndarray:
+  """uint8[size, size, 3] by one of `RESIZE_MODES`.
+
+  "random_resized_crop" needs `rng`; without one (evaluation) it is a
+  center crop. An image already size x size comes back as it is, except under
+  a random crop.
+  """
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"Unknown resize mode {mode!r}; expected one of {RESIZE_MODES}.")
+  if mode == "random_resized_crop" and rng is not None:
+    return random_resized_crop(image_HxWx3, size, rng)
+  if mode == "letterbox":
+    return letterbox(image_HxWx3, size)
+  return resize_center_crop(image_HxWx3, size)
 
 
 def normalize(image_HxWx3: np.ndarray,
