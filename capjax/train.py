@@ -1,7 +1,10 @@
 """`python -m capjax.train --config=NAME --workdir=DIR [--config.a.b=value ...]`
 
 Trains, logs to DIR/metrics.jsonl (+ wandb, offline by default), evaluates and
-checkpoints periodically. Rerunning the same command resumes from DIR.
+checkpoints periodically. Rerunning the same command resumes exactly from the
+newest complete checkpoint in DIR/checkpoints (params, optimizer state, step,
+data position). SIGTERM or Ctrl-C: the current step finishes, a checkpoint is
+saved, and the run exits (0 after SIGTERM, 130 after Ctrl-C).
 """
 
 import argparse
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import checkpoint, config as config_lib, decode, flops, metrics_log, models
-from capjax import sharding, trainer
+from capjax import sharding, stopping, trainer
 from capjax.data import pipeline, tokenizer as tokenizer_lib
 from capjax.optim import factory
 
@@ -64,68 +67,127 @@ def evaluate(config, model, params, tok, eval_step, mesh):
       n = config.eval.num_captions - len(samples)
       images = trainer.normalize_images(jnp.asarray(batch["image"][:n]), jnp.dtype(config.dtype))
       out = decode.greedy(model, params, images, max_len=config.model.max_len)
-      samples += [(tok.decode(o), r["captions"][0]) for o, r in zip(np.asarray(out), batch["records"])]
+      samples += [(tok.decode(o), r["captions"][0])
+                  for o, r in zip(np.asarray(out), batch["records"])]
   return {"val/loss": float(np.mean(losses))}, samples
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return f"{workdir.rstrip('/')}/checkpoints"  # string join: also right for gs:// paths
+
+
+def abstract_state(model, optimizer, config, state_sh) -> trainer.TrainState:
+  """The train state's shapes and dtypes, carrying the shardings `state_sh`; no allocation."""
+  params = sharding.unbox_shapes(trainer.abstract_params(model, config))
+  state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                             opt_state=jax.eval_shape(optimizer.init, params))
+  return sharding.with_shardings(state, state_sh)
+
+
+def restore_or_init(ckpt, model, optimizer, config, mesh, state_sh, data_iter):
+  """(state, meta, restored step or None): the newest usable checkpoint, else a fresh state."""
+  state, step, meta = ckpt.restore(abstract_state(model, optimizer, config, state_sh), data_iter)
+  if state is None:
+    state = trainer.create_state(model, optimizer, config, mesh)
+  return state, meta, step
+
+
+def check_nonfinite(nonfinite, config, writer, ckpt):
+  """Reports the steps whose update was skipped since the last check (a host sync)."""
+  bad = nonfinite.flush()
+  if not bad:
+    return
+  if config.train.nonfinite == "stop":
+    ckpt.wait()
+    last = ckpt.latest_step()
+    last = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
+    raise stopping.NonFiniteError(
+        f"Non-finite loss or gradient at step {bad[0]} (train.nonfinite=stop); "
+        f"last good checkpoint: {last}.")
+  writer.message(f"skipped the non-finite update of step(s) {bad}; "
+                 f"{nonfinite.skipped} skipped in this run so far")
+
+
 def train(config, workdir: str):
+  """Trains to `train.num_steps`, resuming from DIR/checkpoints; returns (state, stop signal)."""
+  if config.train.nonfinite not in ("skip", "stop"):
+    raise config_lib.ConfigError(
+        f"train.nonfinite must be 'skip' or 'stop', got {config.train.nonfinite!r}")
+  stop = stopping.StopRequest()  # early: a SIGTERM during start-up still gets a clean stop
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   tok = ensure_tokenizer(config, workdir)
   model = models.from_config(config)
   optimizer = factory.make_optimizer(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
-                                 config.checkpoint.keep)
+  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), config.checkpoint.every,
+                                 config.checkpoint.keep, config.checkpoint.keep_period)
   dataset = pipeline.train_dataset(config, tok.path, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-    state = trainer.create_state(model, optimizer, config, mesh)
-    state, restored_step = ckpt.restore(state, data_iter)
-    step = int(state.step)
-    train_step = trainer.jit_train_step(
-        trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id), state_sh, mesh)
-    eval_step = jax.jit(trainer.make_eval_step(model, config, tok.pad_id))
-    writer = metrics_log.MetricsWriter(workdir, config, config.train.num_steps, step)
-    if restored_step is not None:
-      writer.message(f"resumed from step {restored_step}")
-    flops_per_step = config.train.batch_size * flops.cappa_train_flops_per_example(
-        config.model, config.data.image_size)
-    peak, peak_source = flops.peak_flops_per_device()
-    peak *= jax.device_count()
-    writer.message(f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, "
-                   f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
-    window_start, window_steps = time.perf_counter(), 0
-    while step < config.train.num_steps:
-      batch = sharding.global_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      window_steps += 1
-      if step % config.train.log_every == 0 or step == config.train.num_steps:
-        metrics = jax.device_get(metrics)  # the only host sync, once per log_every steps
-        elapsed = time.perf_counter() - window_start
-        step_time = elapsed / window_steps
-        metrics["perf/examples_per_s"] = config.train.batch_size / step_time
-        metrics["perf/mfu"] = flops_per_step / step_time / peak
-        metrics["perf/step_time_s"] = step_time
-        metrics.update(pipeline.skip_metrics(dataset))  # data/skipped_<reason>, this process
-        if not np.isfinite(metrics["train/loss"]):
-          raise FloatingPointError(f"Non-finite loss {metrics['train/loss']} at step {step}.")
-        writer.write(step, metrics)
-        writer.progress(step, metrics)
-        window_start, window_steps = time.perf_counter(), 0
-      if step % config.eval.every == 0 or step == config.train.num_steps:
-        val, samples = evaluate(config, model, state.params, tok, eval_step, mesh)
-        writer.write(step, val)
-        writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
-        for generated, truth in samples:
-          writer.message(f"  generated: {generated!r}   true: {truth!r}")
-        window_start = time.perf_counter()
-      if ckpt.should_save(step) or step == config.train.num_steps:
-        ckpt.save(step, state, data_iter, config)
-  ckpt.close()
-  writer.close()
-  return state
+  writer = None
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state_sh = trainer.state_shardings(model, optimizer, config, mesh)
+      state, meta, restored_step = restore_or_init(
+          ckpt, model, optimizer, config, mesh, state_sh, data_iter)
+      step = int(state.step)
+      nonfinite = stopping.NonfiniteSteps(meta.get("skipped_steps", 0))
+      train_step = trainer.jit_train_step(
+          trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id),
+          state_sh, mesh)
+      eval_step = jax.jit(trainer.make_eval_step(model, config, tok.pad_id))
+      writer = metrics_log.MetricsWriter(workdir, config, config.train.num_steps, step)
+      if restored_step is not None:
+        writer.message(f"resumed from step {restored_step}")
+      flops_per_step = config.train.batch_size * flops.cappa_train_flops_per_example(
+          config.model, config.data.image_size)
+      peak, peak_source = flops.peak_flops_per_device()
+      peak *= jax.device_count()
+      writer.message(f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, "
+                     f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+      window_start, window_steps = time.perf_counter(), 0
+      while step < config.train.num_steps:
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        window_steps += 1
+        nonfinite.add(step, metrics["train/nonfinite"])
+        log_step = step % config.train.log_every == 0 or step == config.train.num_steps
+        if log_step:
+          metrics = jax.device_get(metrics)  # the host syncs here, once per log_every steps
+          check_nonfinite(nonfinite, config, writer, ckpt)
+          elapsed = time.perf_counter() - window_start
+          step_time = elapsed / window_steps
+          metrics["train/skipped_steps"] = nonfinite.skipped
+          metrics["perf/examples_per_s"] = config.train.batch_size / step_time
+          metrics["perf/mfu"] = flops_per_step / step_time / peak
+          metrics["perf/step_time_s"] = step_time
+          metrics.update(pipeline.skip_metrics(dataset))  # data/skipped_<reason>, this process
+          writer.write(step, metrics)
+          writer.progress(step, metrics)
+          window_start, window_steps = time.perf_counter(), 0
+        if config.eval.every > 0 and (step % config.eval.every == 0
+                                      or step == config.train.num_steps):  # 0: never
+          val, samples = evaluate(config, model, state.params, tok, eval_step, mesh)
+          writer.write(step, val)
+          writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
+          for generated, truth in samples:
+            writer.message(f"  generated: {generated!r}   true: {truth!r}")
+          window_start = time.perf_counter()
+        stopping_now = stop.should_stop(step, log_step)
+        if ckpt.should_save(step) or step == config.train.num_steps or stopping_now:
+          check_nonfinite(nonfinite, config, writer, ckpt)
+          ckpt.save(step, state, data_iter, config, {"skipped_steps": nonfinite.skipped})
+        if stopping_now:
+          ckpt.wait()
+          writer.message(f"received {stop.signal_name} at step {step}; saved checkpoint "
+                         f"{ckpt.directory / str(step)}")
+          break
+  finally:
+    stop.close()
+    ckpt.close()  # waits for a save in flight: a finished step is never lost
+    if writer is not None:
+      writer.close()
+  return state, stop.signal_name
 
 
 def main(argv=None):
@@ -138,10 +200,16 @@ def main(argv=None):
     sys.exit(2)
   initialize_distributed(args)
   try:
-    train(config, args.workdir)
-  except (config_lib.ConfigError, pipeline.DataNotFoundError) as e:
+    _, stopped_by = train(config, args.workdir)
+  except (config_lib.ConfigError, checkpoint.CheckpointMismatchError,
+          checkpoint.NoUsableCheckpointError, pipeline.DataNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except stopping.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if stopped_by == "SIGINT":
+    sys.exit(130)  # the shell convention for Ctrl-C; the checkpoint is saved all the same
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
   """(state, batch) -> (state, metrics). The step's RNG is derived from seed and step."""
   dtype = jnp.dtype(config.dtype)
   base_rng = jax.random.key(config.seed + 1)
+  inject_nan_at = config.train.get("inject_nan_at_step", -1)
 
   def apply_fn(params, images, tokens, mask):
     return model.apply({"params": params}, images, tokens, mask)
@@ -66,6 +67,8 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     images = normalize_images(batch["image"], dtype)
+    if inject_nan_at >= 0:  # test-only fault injection; steps count from 1, as in the logs
+      images = jnp.where(state.step + 1 == inject_nan_at, jnp.nan, images).astype(dtype)
 
     def loss_fn(params):
       return objectives.cappa_loss(
@@ -73,10 +76,19 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
           masked_pred_prob=config.objective.masked_pred_prob, mask_id=mask_id, pad_id=pad_id)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-               "train/param_norm": optax.global_norm(params), **{f"train/{k}": v for k, v in aux.items()}}
+    # A non-finite loss or gradient leaves params and optimizer state as they were; the
+    # step still advances (the batch is consumed). train.py skips or stops on the flag.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    only_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = only_if_finite(params, state.params)
+    opt_state = only_if_finite(opt_state, state.opt_state)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/param_norm": optax.global_norm(params),
+               "train/nonfinite": 1.0 - finite.astype(jnp.float32),
+               **{f"train/{k}": v for k, v in aux.items()}}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

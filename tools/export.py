@@ -1,0 +1,30 @@
+"""Export a training run's params (no optimizer state) with its config and tokenizer.
+
+  python tools/export.py --workdir=DIR --output=OUT [--step=N]
+
+Load the result with `capjax.inference.load(OUT)` (or `load_exported`); the
+caption / evaluate / serve commands accept OUT wherever they take a workdir.
+"""
+
+import argparse
+import sys
+
+from capjax import checkpoint, inference
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="training workdir (has checkpoints/)")
+  parser.add_argument("--output", required=True, help="directory to write; gs:// works")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  args = parser.parse_args(argv)
+  try:
+    step = inference.export(args.workdir, args.output, args.step)
+  except (FileNotFoundError, FileExistsError, checkpoint.CheckpointMismatchError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported step {step} of {args.workdir} to {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
