@@ -107,8 +107,13 @@ def base() -> ml_collections.ConfigDict:
   c.model = dict(name="cappa", vocab_size=32_000, max_len=64, patch_size=16, width=768,
                  enc_depth=12, dec_depth=6, mlp_dim=2048, num_heads=12, num_registers=8,
                  remat_policy="none")
-  c.data = dict(name="shapes", dir="", image_size=224, num_threads=2, prefetch=8,
-                num_workers=0)
+  c.data = dict(
+      name="shapes", dir="", image_size=224, num_threads=2, prefetch=8, num_workers=0,
+      resize="center_crop",  # center_crop | letterbox | random_resized_crop (train only)
+      lowercase=False, strip_punctuation=False,  # caption cleaning before tokenization
+      max_image_pixels=89_478_485,  # decompression-bomb guard (PIL's default)
+      shards_format="array_record",  # shards: array_record | tfds
+      restval_to_train=True, karpathy_json="")  # coco
   c.tokenizer = dict(path="", model_type="unigram", vocab_size=32_000)
   c.objective = dict(masked_pred_prob=0.75)
   c.train = dict(num_steps=1000, batch_size=64, log_every=50, grad_clip_norm=1.0,
