@@ -2,6 +2,7 @@
 
 Models name logical axes only ("embed", "mlp", "act_batch", ...); the rules in
 `config.sharding.rules` map them to the mesh axes ("data", "fsdp", "tensor").
+The same code runs on 1 device (every axis of size 1) and on a pod slice.
 """
 
 import math
@@ -9,7 +10,6 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,6 +36,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
@@ -47,15 +48,6 @@ def rules_from_config(config) -> tuple:
                for name, axes in config.sharding.rules)
 
 
-def logical_param_specs(abstract_boxed_params):
-  """Logical PartitionSpecs of boxed (nn.with_logical_partitioning) params."""
-  return nn.get_partition_spec(abstract_boxed_params)
-
-
-def param_shardings(abstract_boxed_params, mesh, rules):
-  return nn.logical_to_mesh_sharding(logical_param_specs(abstract_boxed_params), mesh, rules)
-
-
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -64,8 +56,38 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def _axes_size(mesh, entry) -> int:
+  names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def fit_to_shape(sharding: NamedSharding, shape) -> NamedSharding:
+  """Drops the mesh axes of any dim they do not divide (that dim is then replicated)."""
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  fitted = tuple(entry if dim % _axes_size(sharding.mesh, entry) == 0 else None
+                 for entry, dim in zip(spec, shape))
+  return sharding if fitted == spec else NamedSharding(sharding.mesh, P(*fitted))
+
+
+def unbox_shapes(abstract_boxed_params):
+  """Strips the logical-axis boxes without applying them as sharding constraints
+  (`nn.meta.unbox` would, and fails on ShapeDtypeStructs under a mesh)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False), abstract_boxed_params,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shardings(abstract_boxed_params, mesh, rules):
+  """NamedShardings of boxed (nn.with_logical_partitioning) params, by the logical rules."""
+  logical = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed_params), mesh, rules)
+  return jax.tree.map(lambda sh, x: fit_to_shape(sh, x.shape), logical,
+                      unbox_shapes(abstract_boxed_params))
+
+
 def non_param_state_sharding(leaf, mesh) -> NamedSharding:
-  """Split a large optimizer-state leaf over fsdp along its first divisible axis."""
+  """Split a large optimizer-state leaf over fsdp along its first divisible axis.
+
+  E.g. Shampoo's stacked (num_blocks, b, b) statistics are split along num_blocks.
+  """
   fsdp = mesh.shape["fsdp"]
   shape = getattr(leaf, "shape", ())
   if fsdp == 1 or int(np.prod(shape)) < MIN_SHARDED_STATE_SIZE:
@@ -76,18 +98,59 @@ def non_param_state_sharding(leaf, mesh) -> NamedSharding:
   return replicated(mesh)
 
 
-def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state,
-                        params_shardings, mesh):
-  """State that mirrors params (moments) takes the params' shardings; the rest is
-  split by `non_param_state_sharding`."""
-  return optax.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
-      transform_non_params=lambda leaf: non_param_state_sharding(leaf, mesh),
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+def _param_at(path, params_by_path):
+  """The (shape, sharding) of the param whose key path occurs inside `path`, if any."""
+  for start in range(len(path)):
+    for stop in range(len(path), start, -1):
+      found = params_by_path.get(tuple(path[start:stop]))
+      if found is not None:
+        return found
+  return None
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, mesh):
+  """Shardings for every leaf of an optimizer state, whatever the optimizer.
+
+  A leaf found under a param's key path (AdamW's mu/nu, Shampoo's momenta and
+  grafting statistics) and shaped like that param takes the param's sharding;
+  everything else (counts, Shampoo's block statistics, Adafactor's factored
+  moments) goes through `non_param_state_sharding`.
+  """
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_shardings = jax.tree.leaves(params_shardings,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+  params_by_path = {tuple(path): (tuple(x.shape), sh)
+                    for (path, x), sh in zip(flat_params, flat_shardings)}
+
+  def leaf_sharding(path, leaf):
+    found = _param_at(path, params_by_path)
+    if found is not None and found[0] == tuple(getattr(leaf, "shape", ())):
+      return found[1]
+    return non_param_state_sharding(leaf, mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying shardings: abstract inputs for ahead-of-time lowering."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      abstract_tree, shardings)
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a tree laid out by `shardings` (largest shard per leaf)."""
+  sizes = jax.tree.map(
+      lambda x, sh: math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize,
+      abstract_tree, shardings)
+  return int(sum(jax.tree.leaves(sizes)))
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes.
+
+  Each process passes only the examples it read; the global batch is their
+  concatenation in the order of the processes' devices in the mesh.
+  """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 

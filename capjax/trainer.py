@@ -38,21 +38,27 @@ def state_shardings(model, optimizer, config, mesh):
   rules = sharding.rules_from_config(config)
   boxed = abstract_params(model, config)
   params_sh = sharding.param_shardings(boxed, mesh, rules)
-  abstract_opt = jax.eval_shape(
-      lambda: optimizer.init(nn.meta.unbox(model.init(jax.random.key(0), *dummy_inputs(config))["params"])))
-  opt_sh = sharding.opt_state_shardings(optimizer, abstract_opt, params_sh, mesh)
+  params = sharding.unbox_shapes(boxed)
+  opt_sh = sharding.opt_state_shardings(
+      jax.eval_shape(optimizer.init, params), params, params_sh, mesh)
   return TrainState(step=sharding.replicated(mesh), params=params_sh, opt_state=opt_sh)
 
 
-def create_state(model, optimizer, config, mesh) -> TrainState:
-  """Initializes params and optimizer state directly in their sharded layout."""
+def make_init_fn(model, optimizer, config):
+  """rng -> TrainState (unsharded on its own; jit it with out_shardings)."""
   def init(rng):
     params = nn.meta.unbox(model.init(rng, *dummy_inputs(config))["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
+  return init
+
+
+def create_state(model, optimizer, config, mesh) -> TrainState:
+  """Initializes params and optimizer state directly in their sharded layout."""
   shardings = state_shardings(model, optimizer, config, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+    return jax.jit(make_init_fn(model, optimizer, config), out_shardings=shardings)(
+        jax.random.key(config.seed))
 
 
 def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):

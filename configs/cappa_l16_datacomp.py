@@ -6,8 +6,12 @@ from capjax.config import base
 
 def get_config():
   c = base()
+  # Remat "dots_no_batch" keeps the weight matmuls' outputs and recomputes attention:
+  # "dots" also keeps every layer's f32 attention logits (32 x 16 x 264 x 264 per device),
+  # 3.4 GiB over 24 layers, and did not fit 16 GiB (tools/plan_pod.py, docs/pod_plan.md).
   c.model.update(vocab_size=32_000, max_len=64, patch_size=16, width=1024, enc_depth=24,
-                 dec_depth=12, mlp_dim=3072, num_heads=16, num_registers=8, remat_policy="dots")
+                 dec_depth=12, mlp_dim=3072, num_heads=16, num_registers=8,
+                 remat_policy="dots_no_batch")
   c.data.update(name="shards", dir="", image_size=256, num_workers=8)
   c.tokenizer.update(model_type="unigram", vocab_size=32_000)
   c.objective.masked_pred_prob = 0.75
