@@ -322,8 +322,12 @@ def shampoo(
     layout = layout_of(shape)
     if layout is None:
       return ShampooParamState(diagonal, zeros, zeros, placeholder, placeholder)
-    valid = np.arange(layout.size) < np.tile(layout.stat_sizes(), layers)[:, None, None]
-    eye = jnp.asarray(np.eye(layout.size) * valid, jnp.float32)
+    # Built from iota, not np.eye: a numpy constant would be materialized unsharded
+    # (4 GB for L/16) inside the init program.
+    sizes_N = jnp.asarray(np.tile(layout.stat_sizes(), layers))
+    i = jnp.arange(layout.size)
+    eye = ((i[:, None] == i[None, :])[None] & (i[None, None, :] < sizes_N[:, None, None])
+           ).astype(jnp.float32)
     return ShampooParamState(diagonal, zeros, zeros, matrix_epsilon * eye, eye)
 
   def init_fn(params):
