@@ -20,7 +20,7 @@ COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
     "yellow": (235, 215, 40), "purple": (150, 50, 200), "white": (235, 235, 235),
 }
-SIZES = {"small": 0.1, "large": 0.18}  # half-extent as a fraction of the image side
+SIZES = {"small": 0.12, "large": 0.2}  # half-extent as a fraction of the image side
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
