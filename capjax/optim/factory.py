@@ -1,35 +1,126 @@
-"""Optimizers by name (`config.optimizer.name`), each reading its own `optimizer.*` keys."""
+"""Optimizers by name (`config.optimizer.name`), each reading its own `optimizer.*` keys.
 
+`config.optimizer` is flat: `name` plus the keys below. An optimizer reads the keys it
+registers (a missing key takes the default shown there) and ignores the keys of the others,
+so one preset can switch optimizers with `--config.optimizer.name=...`; a key that no
+optimizer reads is an error (a typo). Shared keys mean the same thing everywhere:
+`b1` (momentum), `b2` (second-moment decay), `weight_decay`.
+
+The learning rate is `config.schedule` (schedules.py) for every optimizer; gradients are
+clipped to `train.grad_clip_norm` (0: off) before the optimizer sees them.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
 import optax
 
 from capjax.optim import schedules
+from capjax.optim import shampoo as shampoo_lib
 
-_OPTIMIZERS = {}
+
+class _Entry(NamedTuple):
+  build: Callable[..., optax.GradientTransformation]
+  defaults: dict
+  needs_param_axes: bool
 
 
-def register(name):
-  def wrap(fn):
-    _OPTIMIZERS[name] = fn
-    return fn
+_OPTIMIZERS: dict[str, _Entry] = {}
+
+
+def register(name: str, needs_param_axes: bool = False, **defaults):
+  """Registers `build(opt, learning_rate, param_axes)`; `opt` holds exactly `defaults`' keys."""
+  def wrap(build):
+    _OPTIMIZERS[name] = _Entry(build, defaults, needs_param_axes)
+    return build
   return wrap
 
 
-@register("adamw")
-def adamw(opt_config, learning_rate):
-  return optax.adamw(learning_rate, b1=opt_config.get("b1", 0.9), b2=opt_config.get("b2", 0.999),
-                     eps=opt_config.get("eps", 1e-8),
-                     weight_decay=opt_config.get("weight_decay", 0.0))
+def known_keys() -> set[str]:
+  return {"name"}.union(*(entry.defaults for entry in _OPTIMIZERS.values()))
 
 
-@register("adafactor")
-def adafactor(opt_config, learning_rate):
-  return optax.adafactor(learning_rate, weight_decay_rate=opt_config.get("weight_decay") or None)
+def defaults(name: str) -> dict:
+  """The `optimizer.*` keys `name` reads, with their defaults."""
+  return dict(_lookup(name).defaults)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  name = config.optimizer.name
+@register("adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+def adamw(opt, learning_rate, param_axes):
+  del param_axes
+  return optax.adamw(learning_rate, b1=opt["b1"], b2=opt["b2"], eps=opt["eps"],
+                     weight_decay=opt["weight_decay"])
+
+
+# weight_decay here is optax's: added after the learning rate (not scaled by it).
+@register("adafactor", decay_rate=0.8, factored=True, min_dim_size_to_factor=128,
+          clipping_threshold=1.0, multiply_by_parameter_scale=True, weight_decay=0.0)
+def adafactor(opt, learning_rate, param_axes):
+  del param_axes
+  return optax.adafactor(
+      learning_rate, decay_rate=opt["decay_rate"], factored=opt["factored"],
+      min_dim_size_to_factor=opt["min_dim_size_to_factor"],
+      clipping_threshold=opt["clipping_threshold"] or None,
+      multiply_by_parameter_scale=opt["multiply_by_parameter_scale"],
+      weight_decay_rate=opt["weight_decay"] or None)
+
+
+# Distributed Shampoo (shampoo.py) with the settings of "Evaluation of Distributed Shampoo"
+# that seed 003 trains CapPa with; presets choose block_size for their mesh (see cappa_*.py).
+# Params of rank < 2 and dims > 4096 (e.g. a 32k vocabulary) take the grafted update only.
+# merge_small_dims_block_size: consecutive dims are merged while their product stays <= it,
+# so that (embed, heads, head_dim) kernels become (embed, heads * head_dim) matrices. That
+# needs embed * heads > it (4096: true of the cappa_* presets); set it to the model width
+# otherwise, or e.g. a (128, 4, 32) kernel becomes a (512, 32) matrix.
+@register("shampoo", needs_param_axes=True, b1=0.9, b2=0.999, weight_decay=0.0, block_size=128,
+          start_preconditioning_step=101, preconditioning_compute_steps=10,
+          graft_type="rmsprop_normalized", nesterov=True, diagonal_eps=1e-10, matrix_eps=1e-6,
+          merge_small_dims_block_size=4096, eigh=False)
+def shampoo(opt, learning_rate, param_axes):
+  return shampoo_lib.shampoo(
+      learning_rate, block_size=opt["block_size"], beta1=opt["b1"], beta2=opt["b2"],
+      diagonal_epsilon=opt["diagonal_eps"], matrix_epsilon=opt["matrix_eps"],
+      weight_decay=opt["weight_decay"],
+      start_preconditioning_step=opt["start_preconditioning_step"],
+      preconditioning_compute_steps=opt["preconditioning_compute_steps"],
+      graft_type=opt["graft_type"], nesterov=opt["nesterov"], eigh=opt["eigh"],
+      merge_small_dims_block_size=opt["merge_small_dims_block_size"],
+      stacked_leading_axis=shampoo_lib.stacked_from_logical_axes(param_axes))
+
+
+def _lookup(name: str) -> _Entry:
   if name not in _OPTIMIZERS:
     raise ValueError(f"Unknown optimizer.name={name!r}; expected one of {sorted(_OPTIMIZERS)}.")
-  tx = _OPTIMIZERS[name](config.optimizer, schedules.get_schedule(config))
+  return _OPTIMIZERS[name]
+
+
+def optimizer_args(opt_config) -> dict:
+  """The keys `opt_config.name` reads: its defaults, overridden by `opt_config`."""
+  entry = _lookup(opt_config["name"])
+  unknown = sorted(set(opt_config.keys()) - known_keys())
+  if unknown:
+    raise ValueError(f"Unknown key(s) optimizer.{', optimizer.'.join(unknown)}; optimizers "
+                     f"read {sorted(known_keys())} (see capjax/optim/factory.py).")
+  return {k: opt_config.get(k, default) for k, default in entry.defaults.items()}
+
+
+def model_param_axes(config) -> Any:
+  """Logical axis names of the params of the model `config` describes (no allocation)."""
+  # Imported here: the optimizers themselves know nothing of models.
+  from capjax import models, trainer  # pylint: disable=g-import-not-at-top
+  return nn.get_partition_spec(trainer.abstract_params(models.from_config(config), config))
+
+
+def make_optimizer(config, param_axes: Optional[Any] = None) -> optax.GradientTransformation:
+  """The optimizer `config.optimizer` names, with `config.schedule` and gradient clipping.
+
+  `param_axes`: the params' logical axis names (`nn.get_partition_spec` of the boxed params).
+  Shampoo needs them to precondition `nn.scan`-stacked params layer by layer; when not given,
+  they are derived from `config.model` (an abstract init, a second or so for large models).
+  """
+  entry, args = _lookup(config.optimizer.name), optimizer_args(config.optimizer)
+  if entry.needs_param_axes and param_axes is None:
+    param_axes = model_param_axes(config)
+  tx = entry.build(args, schedules.get_schedule(config), param_axes)
   clip = config.train.get("grad_clip_norm", 0.0)
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
