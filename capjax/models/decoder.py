@@ -35,6 +35,7 @@ class Decoder(nn.Module):
   num_heads: int
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.bfloat16
+  scan_unroll: int = 1
 
   @nn.compact
   def __call__(self, tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL):
@@ -49,7 +50,8 @@ class Decoder(nn.Module):
     pos_LxD = layers.learned_embedding(
         self, "pos_embedding", (self.max_len, self.width), (None, "embed"))
     x_BxLxD = x_BxLxD + pos_LxD[:length].astype(self.dtype)
-    blocks = layers.scan_blocks(DecoderBlock, self.depth, self.remat_policy, 2)
+    blocks = layers.scan_blocks(
+        DecoderBlock, self.depth, self.remat_policy, 2, self.scan_unroll)
     x_BxLxD, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="layers")(
         x_BxLxD, enc_BxSxD.astype(self.dtype), self_mask_Bx1xLxL)
     x_BxLxD = layers.RMSNorm(self.dtype, name="final_norm")(x_BxLxD)

@@ -1,7 +1,7 @@
 """Building blocks shared by the towers: RMSNorm, GeGLU MLP, attention, patch embedding.
 
 Params are float32 and carry logical axis names; compute runs in `dtype`.
-Norms, attention logits and softmax run in float32.
+Norms, attention logits and softmax, and GeGLU's gelu and product run in float32.
 """
 
 from typing import Any
@@ -42,6 +42,15 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+def unstack(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+  """Splits a fused projection's outputs, e.g. [B, L, 3, H, K] -> 3 x [B, L, H, K].
+
+  Via jnp.split: its gradient is one concatenate, where indexing's is a zero-padded
+  add per output (measured ~10% of a CPU train step with fused q/k/v and gate/up).
+  """
+  return tuple(jnp.squeeze(part, axis) for part in jnp.split(x, x.shape[axis], axis))
+
+
 class RMSNorm(nn.Module):
   """RMSNorm computed in float32, returned in the compute dtype."""
   dtype: Dtype = jnp.bfloat16
@@ -56,7 +65,12 @@ class RMSNorm(nn.Module):
 
 
 class GeGLU(nn.Module):
-  """NormFormer feed-forward: norm -> (gelu(gate) * up) -> norm -> down, no biases."""
+  """NormFormer feed-forward: norm -> (gelu(gate) * up) -> norm -> down, no biases.
+
+  Gate and up are one matmul (kernel D x 2 x M). The gelu and the product run in
+  float32: they feed a float32 norm, and bfloat16 elementwise math would round after
+  every op (each rounding is a pass over B x L x M on a CPU).
+  """
   mlp_dim: int
   dtype: Dtype = jnp.bfloat16
 
@@ -64,13 +78,13 @@ class GeGLU(nn.Module):
   def __call__(self, x_BxLxD):
     d = x_BxLxD.shape[-1]
     h_BxLxD = RMSNorm(self.dtype, name="norm_pre")(x_BxLxD)
-    dense = lambda n, axes, name: Dense((n,), axes, dtype=self.dtype, name=name)
-    gate_BxLxM = dense(self.mlp_dim, ("embed", "mlp"), "gate")(h_BxLxD)
-    up_BxLxM = dense(self.mlp_dim, ("embed", "mlp"), "up")(h_BxLxD)
-    h_BxLxM = nn.gelu(gate_BxLxM) * up_BxLxM
+    wi_BxLx2xM = Dense((2, self.mlp_dim), ("embed", None, "mlp"), dtype=self.dtype,
+                       name="wi")(h_BxLxD)
+    gate_BxLxM, up_BxLxM = unstack(wi_BxLx2xM, axis=-2)
+    h_BxLxM = nn.gelu(gate_BxLxM.astype(jnp.float32)) * up_BxLxM.astype(jnp.float32)
     h_BxLxM = constrain(h_BxLxM, ("act_batch", "act_len", "act_mlp"))
     h_BxLxM = RMSNorm(self.dtype, name="norm_mid")(h_BxLxM)
-    return dense(d, ("mlp", "embed"), "down")(h_BxLxM)
+    return Dense((d,), ("mlp", "embed"), dtype=self.dtype, name="down")(h_BxLxM)
 
 
 def attention_weights(q_BxLxHxK, k_BxSxHxK, mask_Bx1xLxS):
@@ -84,11 +98,19 @@ def attention_weights(q_BxLxHxK, k_BxSxHxK, mask_Bx1xLxS):
   return jax.nn.softmax(logits_BxHxLxS, axis=-1)
 
 
+def dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS):
+  """softmax(q k^T / sqrt(K)) v with float32 logits and softmax (jax.nn's kernel)."""
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS)
+
+
 class Attention(nn.Module):
   """Multi-head attention without biases; self-attention when `kv` is None.
 
-  Sows the attention weights under "intermediates" (read them with
-  `mutable=["intermediates"]`) for attention maps.
+  Self-attention projects q, k and v in one matmul (kernel D x 3 x H x K),
+  cross-attention k and v in one (D x 2 x H x K). When "intermediates" is mutable
+  (`mutable=["intermediates"]` or `capture_intermediates=True`) the attention weights
+  are computed explicitly and sown for attention maps; otherwise
+  `jax.nn.dot_product_attention` runs (its XLA path; logits and softmax in float32).
   """
   num_heads: int
   dtype: Dtype = jnp.bfloat16
@@ -97,16 +119,24 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxD, kv_BxSxD=None, mask_Bx1xLxS=None):
     d = x_BxLxD.shape[-1]
     head_dim = d // self.num_heads
-    kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
-    proj = lambda name: Dense(
-        (self.num_heads, head_dim), ("embed", "heads", "kv"), dtype=self.dtype, name=name)
-    q_BxLxHxK = proj("query")(x_BxLxD)
-    k_BxSxHxK = proj("key")(kv_BxSxD)
-    v_BxSxHxK = proj("value")(kv_BxSxD)
-    weights_BxHxLxS = attention_weights(q_BxLxHxK, k_BxSxHxK, mask_Bx1xLxS)
-    self.sow("intermediates", "attention_weights", weights_BxHxLxS)
-    out_BxLxHxK = jnp.einsum(
-        "bhls,bshk->blhk", weights_BxHxLxS.astype(self.dtype), v_BxSxHxK)
+    proj = lambda n, name: Dense(
+        (n, self.num_heads, head_dim), ("embed", None, "heads", "kv"), dtype=self.dtype,
+        name=name)
+    if kv_BxSxD is None:
+      qkv_BxLx3xHxK = proj(3, "qkv")(x_BxLxD)
+      q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = unstack(qkv_BxLx3xHxK, axis=2)
+    else:
+      q_BxLxHxK = Dense((self.num_heads, head_dim), ("embed", "heads", "kv"),
+                        dtype=self.dtype, name="query")(x_BxLxD)
+      kv_BxSx2xHxK = proj(2, "kv")(kv_BxSxD)
+      k_BxSxHxK, v_BxSxHxK = unstack(kv_BxSx2xHxK, axis=2)
+    if self.is_mutable_collection("intermediates"):
+      weights_BxHxLxS = attention_weights(q_BxLxHxK, k_BxSxHxK, mask_Bx1xLxS)
+      self.sow("intermediates", "attention_weights", weights_BxHxLxS)
+      out_BxLxHxK = jnp.einsum(
+          "bhls,bshk->blhk", weights_BxHxLxS.astype(self.dtype), v_BxSxHxK)
+    else:
+      out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS)
     return Dense((d,), ("heads", "kv", "embed"), contract=2, dtype=self.dtype, name="out")(
         out_BxLxHxK)
 
@@ -142,11 +172,19 @@ REMAT_POLICIES = {
 }
 
 
-def scan_blocks(block_cls, depth: int, remat_policy: str, num_broadcast_args: int):
-  """Stack `depth` copies of a block with nn.scan (compile time flat in depth)."""
+def scan_blocks(block_cls, depth: int, remat_policy: str, num_broadcast_args: int,
+                unroll: int = 1):
+  """Stack `depth` copies of a block with nn.scan: compile time grows with `unroll`
+  (blocks per loop iteration), not with depth.
+
+  unroll > 1 trades compile time for speed: XLA then sees several blocks at once and
+  drops the per-iteration copies of scanned activations (-20% of a 4+4-layer CPU step).
+  """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(
         f"Unknown remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
+  if unroll < 1:
+    raise ValueError(f"scan_unroll must be >= 1, got {unroll}.")
   if remat_policy != "none":
     block_cls = nn.remat(block_cls, prevent_cse=False, policy=REMAT_POLICIES[remat_policy])
   return nn.scan(
@@ -155,5 +193,6 @@ def scan_blocks(block_cls, depth: int, remat_policy: str, num_broadcast_args: in
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * num_broadcast_args,
       length=depth,
+      unroll=min(unroll, depth),
       metadata_params={nn.PARTITION_NAME: "layers"},
   )

@@ -31,6 +31,7 @@ class ViT(nn.Module):
   num_registers: int
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.bfloat16
+  scan_unroll: int = 1
 
   @nn.compact
   def __call__(self, images_BxHxWxC):
@@ -44,6 +45,6 @@ class ViT(nn.Module):
           self, "registers", (self.num_registers, d), (None, "embed"))
       reg_BxRxD = jnp.broadcast_to(reg_RxD.astype(self.dtype), (b, self.num_registers, d))
       x_BxNxD = jnp.concatenate([reg_BxRxD, x_BxNxD], axis=1)
-    blocks = layers.scan_blocks(EncoderBlock, self.depth, self.remat_policy, 0)
+    blocks = layers.scan_blocks(EncoderBlock, self.depth, self.remat_policy, 0, self.scan_unroll)
     x_BxTxD, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="layers")(x_BxNxD)
     return layers.RMSNorm(self.dtype, name="final_norm")(x_BxTxD)
