@@ -31,26 +31,24 @@ def _object_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLIT_IDS[split], index])
 
 
-def _place_objects(rng, num_objects: int, image_size: int, half_sizes):
-  """Rejection-sample non-overlapping centres with unambiguous relations/orders."""
-  for _ in range(200):
-    centres = []
-    for h in half_sizes:
-      lo, hi = h + 1, image_size - h - 1
-      centres.append(rng.uniform(lo, hi, size=2))
-    centres = np.array(centres)
-    ok = True
-    for i, j in itertools.combinations(range(num_objects), 2):
-      gap = np.abs(centres[i] - centres[j])
-      if np.all(gap < half_sizes[i] + half_sizes[j] + 2):
-        ok = False  # overlapping boxes
-      if num_objects == 2 and max(gap) < 1.6 * min(gap) + 4:
-        ok = False  # relation would be ambiguous (diagonal)
-      if num_objects == 3 and gap[0] < 0.5 * (half_sizes[i] + half_sizes[j]):
-        ok = False  # left-to-right order would be ambiguous
-    if ok:
-      return centres
-  return None
+def _place_objects(rng, num_objects: int, image_size: int, half_sizes, tries: int = 200):
+  """Rejection-samples non-overlapping centres with unambiguous relations/orders.
+
+  All `tries` candidate placements are drawn at once and the first acceptable one is kept
+  (vectorized: per-try Python loops were most of the data pipeline's CPU time).
+  """
+  half = np.asarray(half_sizes, np.float64)
+  lo, hi = half + 1, image_size - half - 1
+  centres = lo[None, :, None] + (hi - lo)[None, :, None] * rng.random((tries, num_objects, 2))
+  ok = np.ones(tries, bool)
+  for i, j in itertools.combinations(range(num_objects), 2):
+    gap = np.abs(centres[:, i] - centres[:, j])  # [tries, 2]
+    ok &= ~np.all(gap < half[i] + half[j] + 2, axis=1)  # overlapping boxes
+    if num_objects == 2:  # relation would be ambiguous (diagonal)
+      ok &= gap.max(axis=1) >= 1.6 * gap.min(axis=1) + 4
+    if num_objects == 3:  # left-to-right order would be ambiguous
+      ok &= gap[:, 0] >= 0.5 * (half[i] + half[j])
+  return centres[np.argmax(ok)] if ok.any() else None
 
 
 def relation(centre_a, centre_b) -> str:
