@@ -64,6 +64,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise ConfigError(f"Unknown config key {'.'.join(parents[:i + 1])!r} in --config.{key}")
     node = node[part]
+  if isinstance(node, ml_collections.ConfigDict) and leaf not in node:
+    default = optional_key_default(parents, leaf)
+    if default is not None:
+      with node.unlocked():
+        node[leaf] = default
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f"Unknown config key {key!r} in --config.{key}={text}")
   try:
@@ -72,6 +77,16 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str):
     raise ConfigError(f"Bad value for --config.{key}: {e}") from None
   with node.ignore_type():
     node[leaf] = value
+
+
+def optional_key_default(parents: list[str], leaf: str):
+  """Default of a key a preset may leave out, or None: an optimizer's own `optimizer.*` keys
+  (a preset lists only its optimizer's, yet `--config.optimizer.name=shampoo
+  --config.optimizer.block_size=64` must work)."""
+  if parents == ["optimizer"]:
+    from capjax.optim import factory  # pylint: disable=g-import-not-at-top
+    return factory.key_default(leaf)
+  return None
 
 
 def split_override(arg: str) -> tuple[str, str]:
@@ -106,7 +121,7 @@ def base() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.model = dict(name="cappa", vocab_size=32_000, max_len=64, patch_size=16, width=768,
                  enc_depth=12, dec_depth=6, mlp_dim=2048, num_heads=12, num_registers=8,
-                 remat_policy="none")
+                 remat_policy="none", scan_unroll=1)  # blocks per scan iteration
   c.data = dict(
       name="shapes", dir="", image_size=224, num_threads=2, prefetch=8, num_workers=0,
       resize="center_crop",  # center_crop | letterbox | random_resized_crop (train only)

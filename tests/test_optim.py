@@ -60,6 +60,18 @@ def test_keys_of_other_optimizers_are_ignored_and_missing_keys_default():
   assert set(args) == set(factory.defaults("shampoo"))
 
 
+def test_any_preset_takes_overrides_of_any_optimizers_keys():
+  config = config_lib.load("shapes_tiny", ["--config.optimizer.name=shampoo",
+                                           "--config.optimizer.block_size=64",
+                                           "--config.optimizer.graft_type=rmsprop"])
+  args = factory.optimizer_args(config.optimizer)
+  assert (args["block_size"], args["graft_type"]) == (64, "rmsprop")
+  for bad, fragment in [("block_sise=64", "optimizer.block_sise"),
+                        ("block_size=big", "Expected int")]:
+    with pytest.raises(config_lib.ConfigError, match=fragment):
+      config_lib.load("shapes_tiny", [f"--config.optimizer.{bad}"])
+
+
 def _down_kernel_state(opt_state):
   stats = _find(opt_state, ShampooState)[0].stats
   return stats["encoder"]["layers"]["mlp"]["down"]["kernel"]

@@ -40,6 +40,12 @@ def known_keys() -> set[str]:
   return {"name"}.union(*(entry.defaults for entry in _OPTIMIZERS.values()))
 
 
+def key_default(key: str) -> Any:
+  """The default of `optimizer.<key>` for the first optimizer that reads it, else None."""
+  return next((entry.defaults[key] for entry in _OPTIMIZERS.values() if key in entry.defaults),
+              None)
+
+
 def defaults(name: str) -> dict:
   """The `optimizer.*` keys `name` reads, with their defaults."""
   return dict(_lookup(name).defaults)
