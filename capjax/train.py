@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from capjax import checkpoint, config as config_lib, decode, flops, metrics_log, models
 from capjax import sharding, stopping, trainer
@@ -135,6 +136,7 @@ def train(config, workdir: str):
           trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id),
           state_sh, mesh)
       eval_step = jax.jit(trainer.make_eval_step(model, config, tok.pad_id))
+      param_norm = jax.jit(optax.global_norm)  # at log steps only: a pass over all params
       writer = metrics_log.MetricsWriter(workdir, config, config.train.num_steps, step)
       if restored_step is not None:
         writer.message(f"resumed from step {restored_step}")
@@ -153,7 +155,8 @@ def train(config, workdir: str):
         nonfinite.add(step, metrics["train/nonfinite"])
         log_step = step % config.train.log_every == 0 or step == config.train.num_steps
         if log_step:
-          metrics = jax.device_get(metrics)  # the host syncs here, once per log_every steps
+          # The host syncs here, once per log_every steps.
+          metrics = jax.device_get({**metrics, "train/param_norm": param_norm(state.params)})
           check_nonfinite(nonfinite, config, writer, ckpt)
           elapsed = time.perf_counter() - window_start
           step_time = elapsed / window_steps

@@ -92,7 +92,6 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
     params = only_if_finite(params, state.params)
     opt_state = only_if_finite(opt_state, state.opt_state)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
-               "train/param_norm": optax.global_norm(params),
                "train/nonfinite": 1.0 - finite.astype(jnp.float32),
                **{f"train/{k}": v for k, v in aux.items()}}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -81,7 +81,7 @@ def adafactor(opt, learning_rate, param_axes):
 @register("shampoo", needs_param_axes=True, b1=0.9, b2=0.999, weight_decay=0.0, block_size=128,
           start_preconditioning_step=101, preconditioning_compute_steps=10,
           graft_type="rmsprop_normalized", nesterov=True, diagonal_eps=1e-10, matrix_eps=1e-6,
-          merge_small_dims_block_size=4096, eigh=False)
+          merge_small_dims_block_size=4096, eigh=False, exponent_override=0)
 def shampoo(opt, learning_rate, param_axes):
   return shampoo_lib.shampoo(
       learning_rate, block_size=opt["block_size"], beta1=opt["b1"], beta2=opt["b2"],
@@ -90,6 +90,7 @@ def shampoo(opt, learning_rate, param_axes):
       start_preconditioning_step=opt["start_preconditioning_step"],
       preconditioning_compute_steps=opt["preconditioning_compute_steps"],
       graft_type=opt["graft_type"], nesterov=opt["nesterov"], eigh=opt["eigh"],
+      exponent_override=opt["exponent_override"],
       merge_small_dims_block_size=opt["merge_small_dims_block_size"],
       stacked_leading_axis=shampoo_lib.stacked_from_logical_axes(param_axes))
 
