@@ -15,6 +15,20 @@ def _plain(v):
   return float(v) if hasattr(v, "__float__") else v
 
 
+def drop_rows_after(path: str, step: int):
+  """Removes rows past `step` (the resumed checkpoint's): a crashed run wrote them, and the
+  resumed run writes those steps again."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
 
   def __init__(self, workdir: str, config, total_steps: int, initial_step: int = 0):
@@ -25,6 +39,7 @@ class MetricsWriter:
     if not self.main:
       return
     os.makedirs(workdir, exist_ok=True)
+    drop_rows_after(self.path, initial_step)
     mode = os.environ.get("WANDB_MODE", config.wandb.mode)
     if mode != "disabled":
       import wandb  # pylint: disable=g-import-not-at-top

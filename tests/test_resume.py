@@ -46,6 +46,9 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run_bitwise(reference, tmp_
   assert train_cli.steps(workdir)[-1] == NUM_STEPS
   assert train_cli.bitwise_equal(train_cli.saved_state(workdir, NUM_STEPS),
                                  train_cli.saved_state(reference, NUM_STEPS))
+  # Rows the killed run wrote past its checkpoint were dropped, then written again.
+  assert ([r["step"] for r in train_cli.metrics(workdir)]
+          == [r["step"] for r in train_cli.metrics(reference)])
   final = lambda rows: [r for r in rows if r["step"] == NUM_STEPS and "train/loss" in r][-1]
   assert (final(train_cli.metrics(workdir))["train/loss"]
           == final(train_cli.metrics(reference))["train/loss"])
