@@ -132,7 +132,9 @@ def base() -> ml_collections.ConfigDict:
   c.tokenizer = dict(path="", model_type="unigram", vocab_size=32_000)
   c.objective = dict(masked_pred_prob=0.75)
   c.train = dict(num_steps=1000, batch_size=64, log_every=50, grad_clip_norm=1.0,
-                 nonfinite="skip", inject_nan_at_step=-1)  # skip|stop; -1: no fault injection
+                 nonfinite="skip",  # skip|stop
+                 inject_nan_at_step=-1, inject_nan_steps=1,  # fault injection (tests); -1: off
+                 max_consecutive_skips=100)  # skip mode stops after this many in a row; 0: never
   c.eval = dict(every=500, num_examples=256, batch_size=64, num_captions=4)
   c.checkpoint = dict(every=500, keep=3, keep_period=0)  # also keep every keep_period-th; 0: off
   c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)

@@ -82,6 +82,7 @@ class NonfiniteSteps:
 
   def __init__(self, skipped: int = 0):
     self.skipped = skipped  # steps skipped so far in the run, across restarts
+    self.consecutive = 0  # skipped steps in a row, up to the newest flushed step
     self._pending = []
 
   def add(self, step: int, flag):
@@ -93,6 +94,9 @@ class NonfiniteSteps:
       return []
     steps, flags = zip(*self._pending)
     self._pending = []
-    bad = [s for s, f in zip(steps, jax.device_get(list(flags))) if f > 0]
+    flags = jax.device_get(list(flags))
+    bad = [s for s, f in zip(steps, flags) if f > 0]
     self.skipped += len(bad)
+    for f in flags:
+      self.consecutive = self.consecutive + 1 if f > 0 else 0
     return bad

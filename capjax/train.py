@@ -98,13 +98,17 @@ def check_nonfinite(nonfinite, config, writer, ckpt):
   bad = nonfinite.flush()
   if not bad:
     return
-  if config.train.nonfinite == "stop":
+  stop_mode = config.train.nonfinite == "stop"
+  limit = config.train.get("max_consecutive_skips", 0)
+  if stop_mode or (limit and nonfinite.consecutive >= limit):
     ckpt.wait()
     last = ckpt.latest_step()
     last = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
+    what = (f"at step {bad[0]} (train.nonfinite=stop)" if stop_mode else
+            f"at {nonfinite.consecutive} steps in a row, up to step {bad[-1]} "
+            f"(train.max_consecutive_skips={limit})")
     raise stopping.NonFiniteError(
-        f"Non-finite loss or gradient at step {bad[0]} (train.nonfinite=stop); "
-        f"last good checkpoint: {last}.")
+        f"Non-finite loss or gradient {what}; last good checkpoint: {last}.")
   writer.message(f"skipped the non-finite update of step(s) {bad}; "
                  f"{nonfinite.skipped} skipped in this run so far")
 

@@ -66,6 +66,7 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
   dtype = jnp.dtype(config.dtype)
   base_rng = jax.random.key(config.seed + 1)
   inject_nan_at = config.train.get("inject_nan_at_step", -1)
+  inject_nan_steps = config.train.get("inject_nan_steps", 1)
 
   def apply_fn(params, images, tokens, mask):
     return model.apply({"params": params}, images, tokens, mask)
@@ -74,7 +75,9 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
     rng = jax.random.fold_in(base_rng, state.step)
     images = normalize_images(batch["image"], dtype)
     if inject_nan_at >= 0:  # test-only fault injection; steps count from 1, as in the logs
-      images = jnp.where(state.step + 1 == inject_nan_at, jnp.nan, images).astype(dtype)
+      step = state.step + 1
+      bad = (step >= inject_nan_at) & (step < inject_nan_at + inject_nan_steps)
+      images = jnp.where(bad, jnp.nan, images).astype(dtype)
 
     def loss_fn(params):
       return objectives.cappa_loss(

@@ -128,6 +128,18 @@ def test_nan_batch_in_stop_mode_stops_naming_the_step(tmp_path):
   assert train_cli.steps(workdir) == [2]  # nothing saved after the bad step
 
 
+def test_nonfinite_steps_in_a_row_stop_a_skip_mode_run(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = train_cli.run(workdir, **{"train.num_steps": 20, "train.inject_nan_at_step": 4,
+                                  "train.inject_nan_steps": 100, "train.max_consecutive_skips": 5,
+                                  "checkpoint.every": 2, "train.log_every": 2})
+  assert out.returncode == 1, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"error: Non-finite loss or gradient at 5 steps in a row, up to step 8 "
+                      r"\(train.max_consecutive_skips=5\); last good checkpoint: step 6 in \S+\.",
+                      last), last
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
