@@ -21,7 +21,7 @@ def get_config():
   # 3 GiB of statistics and preconditioners). Inverse roots every 10 steps from step 101.
   # Shampoo's momentum is not damped by (1 - b1), so its steps are ~10x AdamW's at the same
   # learning rate: peak 1e-4 here is AdamW's 1e-3 (bench/optimizers.py found the best
-  # Shampoo learning rate 1/10 to 1/20 of AdamW's; see docs/optimizers.md).
+  # Shampoo learning rate 1/7 to 1/20 of AdamW's; see docs/optimizers.md).
   c.optimizer.update(name="shampoo", b1=0.9, b2=0.999, weight_decay=0.0, block_size=1024,
                      start_preconditioning_step=101, preconditioning_compute_steps=10,
                      graft_type="rmsprop_normalized", nesterov=True, diagonal_eps=1e-10,
