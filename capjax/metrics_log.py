@@ -1,13 +1,17 @@
 """Where metrics go: DIR/metrics.jsonl (one JSON object a line), wandb (offline by default),
-and a console progress bar. Only process 0 writes."""
+and a console progress bar. Only process 0 writes. DIR may be gs:// (through epath)."""
 
 import json
 import math
 import os
 import sys
 
+from etils import epath
 import jax
 import tqdm
+
+# wandb's offline files need a local directory; with a gs:// workdir they go here.
+LOCAL_WANDB_DIR = os.path.expanduser("~/.cache/capjax")
 
 
 def _plain(v):
@@ -15,37 +19,48 @@ def _plain(v):
   return float(v) if hasattr(v, "__float__") else v
 
 
-def drop_rows_after(path: str, step: int):
-  """Removes rows past `step` (the resumed checkpoint's): a crashed run wrote them, and the
-  resumed run writes those steps again."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+def is_local(path) -> bool:
+  return "://" not in str(path)
+
+
+def _replace_contents(path: epath.Path, lines: list[str]):
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(lines))
+  tmp.replace(path)
+
+
+def rows_up_to(path: epath.Path, step: int) -> list[str]:
+  """The file's lines up to `step` (the resumed checkpoint's); rows past it, which a crashed
+  run wrote and the resumed run writes again, are removed from the file."""
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines(keepends=True)
   kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
   if len(kept) < len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    _replace_contents(path, kept)
+  return kept
 
 
 class MetricsWriter:
 
   def __init__(self, workdir: str, config, total_steps: int, initial_step: int = 0):
     self.main = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(f"{workdir.rstrip('/')}/metrics.jsonl")
     self.run = None
     self.bar = None
     if not self.main:
       return
-    os.makedirs(workdir, exist_ok=True)
-    drop_rows_after(self.path, initial_step)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    # Object stores cannot append: there the whole file is rewritten at each write.
+    self.lines = rows_up_to(self.path, initial_step)
     mode = os.environ.get("WANDB_MODE", config.wandb.mode)
     if mode != "disabled":
       import wandb  # pylint: disable=g-import-not-at-top
+      wandb_dir = workdir if is_local(workdir) else LOCAL_WANDB_DIR
+      os.makedirs(wandb_dir, exist_ok=True)
       self.run = wandb.init(
           project=config.wandb.project, name=config.wandb.name or None, mode=mode,
-          dir=workdir, config=config.to_dict(), resume="allow",
+          dir=wandb_dir, config=config.to_dict(), resume="allow",
           settings=wandb.Settings(silent=True))
     self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=sys.stderr,
                          dynamic_ncols=True, desc="train")
@@ -54,8 +69,13 @@ class MetricsWriter:
     if not self.main:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if is_local(self.path):
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self.lines.append(line)
+      _replace_contents(self.path, self.lines)
     if self.run is not None:
       self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,8 @@ def initialize_distributed(args):
 
 def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
   """Uses `tokenizer.path` if set, else DIR/tokenizer.model, trained on first use."""
-  path = config.tokenizer.path or os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path) and jax.process_index() == 0:
+  path = config.tokenizer.path or f"{workdir.rstrip('/')}/tokenizer.model"  # also gs://
+  if not epath.Path(path).exists() and jax.process_index() == 0:
     tokenizer_lib.train(pipeline.training_captions(config), path,
                         config.tokenizer.vocab_size, config.tokenizer.model_type)
   if jax.process_count() > 1:

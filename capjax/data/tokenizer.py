@@ -1,10 +1,10 @@
 """SentencePiece tokenizer with PAD/BOS/EOS and the MASK id used by parallel prediction."""
 
 import io
-import os
 import re
 from typing import Iterable
 
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 
@@ -44,20 +44,20 @@ def train(captions: Iterable[str], path: str, vocab_size: int, model_type: str =
         f"tokenizer.vocab_size={vocab_size} is too small for the {len(captions)} training "
         f"captions: a {model_type} model needs at least {needed.group(1)} pieces (one per "
         "distinct character plus the special ones).") from None
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(model.getvalue())
-  return Tokenizer(path)
+  path = epath.Path(path)  # a local path or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(model.getvalue())
+  return Tokenizer(str(path))
 
 
 class Tokenizer:
   """Captions <-> fixed-length id arrays `[BOS w1 .. wn EOS PAD ..]` of length max_len + 1."""
 
   def __init__(self, path: str):
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f"No tokenizer model at {path}; train one with tools/train_tokenizer.py.")
     self.path = path
-    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
     self.mask_id = self.sp.piece_to_id(MASK_PIECE)
     self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
 
