@@ -82,7 +82,7 @@ class ClipjaxStep:
     loss, grads = jax.value_and_grad(self._loss)(params, images, batch["tokens"], rng)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
     return (params, opt_state, step + 1), metrics
 
   def init(self, batch: dict):

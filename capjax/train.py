@@ -141,7 +141,7 @@ def train(config, workdir: str):
           trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id),
           state_sh, mesh)
       eval_step = jax.jit(trainer.make_eval_step(model, config, tok.pad_id))
-      param_norm = jax.jit(optax.global_norm)  # at log steps only: a pass over all params
+      param_norm = jax.jit(optax.tree.norm)  # at log steps only: a pass over all params
       writer = metrics_log.MetricsWriter(workdir, config, config.train.num_steps, step)
       if restored_step is not None:
         writer.message(f"resumed from step {restored_step}")

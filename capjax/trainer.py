@@ -85,7 +85,7 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
           masked_pred_prob=config.objective.masked_pred_prob, mask_id=mask_id, pad_id=pad_id)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves params and optimizer state as they were; the
