@@ -1,4 +1,5 @@
-"""metrics.jsonl: one row a logged step, also after a resume, on local disks and object stores."""
+"""metrics.jsonl: one row a logged step, also after a resume, on local disks and object stores;
+tools/plot_metrics.py draws it."""
 
 import json
 
@@ -6,6 +7,7 @@ import pytest
 
 from capjax import metrics_log
 from tests.helpers import tiny_config
+from tools import plot_metrics
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["append", "object_store_rewrite"])
@@ -25,3 +27,15 @@ def test_a_resumed_writer_drops_rows_past_its_step_and_writes_after_them(
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
   assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_plot_metrics_draws_the_loss_curves_to_a_png(tmp_path, capsys):
+  rows = [{"step": s, "train/loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "val/loss": 1.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  plot_metrics.main([str(tmp_path)])
+  assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+  assert capsys.readouterr().out.strip() == str(tmp_path / "loss.png")
+  series = plot_metrics.read_series(tmp_path / "metrics.jsonl")
+  assert [s for s, _ in series["train/loss"]] == [1, 2, 3, 4, 5] and series["val/loss"] == [(5, 1.0)]
+  with pytest.raises(SystemExit, match="no .*metrics.jsonl; train first"):
+    plot_metrics.main([str(tmp_path / "empty")])

@@ -1,22 +1,24 @@
 """Draw the loss curves of a run: `python tools/plot_metrics.py DIR [--output=PNG]`.
 
 Reads DIR/metrics.jsonl and writes DIR/loss.png (train/loss and val/loss against step).
+DIR may be gs:// (through epath).
 """
 
 import argparse
+import io
 import json
-import os
 import sys
 
+from etils import epath
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def read_series(path: str, keys=("train/loss", "val/loss")) -> dict[str, list[tuple[int, float]]]:
+def read_series(path, keys=("train/loss", "val/loss")) -> dict[str, list[tuple[int, float]]]:
   series = {k: [] for k in keys}
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for line in f:
       row = json.loads(line)
       for k in keys:
@@ -25,7 +27,7 @@ def read_series(path: str, keys=("train/loss", "val/loss")) -> dict[str, list[tu
   return series
 
 
-def plot(series: dict, output: str):
+def plot(series: dict, output):
   fig, ax = plt.subplots(figsize=(7, 4))
   for name, points in series.items():
     if points:
@@ -37,8 +39,10 @@ def plot(series: dict, output: str):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(output, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
+  epath.Path(output).write_bytes(png.getvalue())
 
 
 def main(argv=None):
@@ -46,10 +50,10 @@ def main(argv=None):
   parser.add_argument("workdir")
   parser.add_argument("--output", default=None)
   args = parser.parse_args(argv)
-  path = os.path.join(args.workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(args.workdir) / "metrics.jsonl"
+  if not path.exists():
     sys.exit(f"error: no {path}; train first with python -m capjax.train --workdir={args.workdir}")
-  output = args.output or os.path.join(args.workdir, "loss.png")
+  output = args.output or epath.Path(args.workdir) / "loss.png"
   plot(read_series(path), output)
   print(output)
 
