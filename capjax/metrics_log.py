@@ -29,13 +29,20 @@ def _replace_contents(path: epath.Path, lines: list[str]):
   tmp.replace(path)
 
 
+def _step_of(line: str):
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return None  # blank, or torn by a crash in the middle of a write
+
+
 def rows_up_to(path: epath.Path, step: int) -> list[str]:
   """The file's lines up to `step` (the resumed checkpoint's); rows past it, which a crashed
   run wrote and the resumed run writes again, are removed from the file."""
   if not path.exists():
     return []
   lines = path.read_text().splitlines(keepends=True)
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
   if len(kept) < len(lines):
     _replace_contents(path, kept)
   return kept

@@ -19,7 +19,10 @@ def test_a_resumed_writer_drops_rows_past_its_step_and_writes_after_them(
   writer = metrics_log.MetricsWriter(str(tmp_path), config, total_steps=10)
   for step in (1, 2, 3):
     writer.write(step, {"train/loss": float(step)})
-  writer.close()  # a crash after step 3, with the last checkpoint at step 2
+  writer.close()  # a crash after step 3, in the middle of writing step 4's row ...
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "train/lo')
+  # ... with the last checkpoint at step 2.
 
   writer = metrics_log.MetricsWriter(str(tmp_path), config, total_steps=10, initial_step=2)
   writer.write(3, {"train/loss": 30.0})
