@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import jax
 
@@ -27,13 +26,8 @@ import steps  # bench/steps.py
 
 
 def bare_step_seconds(step: "steps.CapjaxStep", count: int) -> float:
-  """Median seconds per step over `count` waited-on steps."""
-  times = []
-  for _ in range(count):
-    start = time.perf_counter()
-    jax.block_until_ready(step.run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  """Median wall seconds per step over `count` waited-on steps."""
+  return statistics.median(steps.timed(step.run)[0] for _ in range(count))
 
 
 def loop_examples_per_s(config, workdir: str) -> list[float]:

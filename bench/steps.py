@@ -5,6 +5,7 @@ then on sys.path.
 """
 
 import contextlib
+import time
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,13 @@ from capjax import models, sharding, trainer
 from capjax.optim import factory
 
 MASK_ID, PAD_ID, BOS_ID, EOS_ID = 4, 0, 1, 2  # what the sentencepiece tokenizer assigns
+
+
+def timed(run) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one call, waited on."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  jax.block_until_ready(run())
+  return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def random_batch(config, seed: int = 0) -> dict:

@@ -61,19 +61,12 @@ class Roofline:
     return self.fn(self.a, self.b)
 
 
-def timed(run) -> tuple[float, float]:
-  """(wall seconds, process CPU seconds) of one call, waited on."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  jax.block_until_ready(run())
-  return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def measure(contenders: dict, rounds: int) -> dict:
   """Interleaved rounds of one call each; returns {name: [(wall, cpu), ...]}."""
   times = {name: [] for name in contenders}
   for _ in range(rounds):
     for name, run in contenders.items():
-      times[name].append(timed(run))
+      times[name].append(steps.timed(run))
   return times
 
 
