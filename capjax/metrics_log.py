@@ -52,7 +52,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, config, total_steps: int, initial_step: int = 0):
     self.main = jax.process_index() == 0
-    self.path = epath.Path(f"{workdir.rstrip('/')}/metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.run = None
     self.bar = None
     if not self.main:

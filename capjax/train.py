@@ -45,7 +45,7 @@ def initialize_distributed(args):
 
 def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
   """Uses `tokenizer.path` if set, else DIR/tokenizer.model, trained on first use."""
-  path = config.tokenizer.path or f"{workdir.rstrip('/')}/tokenizer.model"  # also gs://
+  path = config.tokenizer.path or str(epath.Path(workdir) / "tokenizer.model")
   if not epath.Path(path).exists() and jax.process_index() == 0:
     tokenizer_lib.train(pipeline.training_captions(config), path,
                         config.tokenizer.vocab_size, config.tokenizer.model_type)
