@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capjax import objectives, trainer
+from capjax import objectives
+from capjax.tasks import base as tasks_base
 from capjax.optim import factory
 
 # capjax remat policy -> clip-jax's nearest (clip-jax has no "save every dot" policy).
@@ -78,7 +79,7 @@ class ClipjaxStep:
   def _train_step(self, state, batch):
     params, opt_state, step = state
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
-    images = trainer.normalize_images(batch["image"], jnp.dtype(self.config.dtype))
+    images = tasks_base.normalize_images(batch["image"], jnp.dtype(self.config.dtype))
     loss, grads = jax.value_and_grad(self._loss)(params, images, batch["tokens"], rng)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

@@ -24,16 +24,14 @@ import tempfile
 import time
 
 from absl import flags
-import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from capjax import config as config_lib, models, sharding, trainer
+from capjax import config as config_lib, setup as setup_lib
 from capjax.data import pipeline, registry, tokenizer as tokenizer_lib, transforms
-from capjax.optim import factory
 
 WIDTH, HEIGHT = 500, 375  # the usual Flickr8k size
 WORDS = ("a dog runs through the grass . two children play on a beach near the water ; "
@@ -104,16 +102,12 @@ def pipeline_rate(config, tok_path: str, num_batches: int) -> float:
 
 def train_step_rates(config, tok, tok_path: str, steps: int) -> tuple[float, float, float]:
   """(compile s, images/s on a fixed batch, images/s fed by the live pipeline)."""
-  mesh = sharding.make_mesh(config.mesh)
-  model = models.from_config(config)
-  optimizer = factory.make_optimizer(config)
+  run_setup = setup_lib.assemble(config, tok.special)
   it = iter(pipeline.train_dataset(config, tok_path))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
-    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-    state = trainer.create_state(model, optimizer, config, mesh)
-    step = trainer.jit_train_step(
-        trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id), state_sh, mesh)
-    batch = sharding.global_batch(next(it), mesh)
+  state = run_setup.init_state()
+  with run_setup.context():
+    step = run_setup.train_step
+    batch = run_setup.global_batch(next(it))
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -128,7 +122,7 @@ def train_step_rates(config, tok, tok_path: str, steps: int) -> tuple[float, flo
       return steps * config.train.batch_size / (time.perf_counter() - start)
 
     fixed = run(lambda: batch)
-    fed = run(lambda: sharding.global_batch(next(it), mesh))
+    fed = run(lambda: run_setup.global_batch(next(it)))
   return compile_s, fixed, fed
 
 

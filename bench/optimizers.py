@@ -16,21 +16,18 @@ order; the table shows the median round. The last line is machine-readable.
 """
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from capjax import config as config_lib, models, sharding, trainer
+from capjax import config as config_lib, setup as setup_lib, sharding, trainer
 from capjax.data import pipeline
-from capjax.optim import factory
 from capjax.train import ensure_tokenizer
 
 # --small: shapes_tiny's model on 32x32 images in batches of 32 (about 3x faster; the
@@ -80,22 +77,10 @@ class Run:
   """One optimizer's jitted train step and fresh states, on one device."""
 
   def __init__(self, config, tok, mesh):
-    self.name, self.mesh, self.config = config.optimizer.name, mesh, config
-    self.model = models.from_config(self.config)
-    optimizer = lr_scaled(factory.make_optimizer(self.config))
-    self.rules = sharding.rules_from_config(self.config)
-    with self.context():
-      state_sh = trainer.state_shardings(self.model, optimizer, self.config, mesh)
-      self.init_state = trainer.create_state(self.model, optimizer, self.config, mesh)
-      self.step_fn = trainer.jit_train_step(
-          trainer.make_train_step(self.model, optimizer, self.config, tok.mask_id, tok.pad_id),
-          state_sh, mesh)
-
-  @contextlib.contextmanager
-  def context(self):
-    """The mesh and logical rules, as train.py runs the step (the jit cache is per mesh)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+    self.name, self.config = config.optimizer.name, config
+    self.setup = setup_lib.assemble(config, tok.special, mesh, wrap_optimizer=lr_scaled)
+    self.init_state = self.setup.init_state()
+    self.step_fn, self.context = self.setup.train_step, self.setup.context
 
   def fresh_state(self, lr):
     return with_lr(jax.tree.map(jnp.copy, self.init_state), lr)
@@ -185,7 +170,7 @@ def main():
     start = time.perf_counter()
     runs[name] = Run(bench_config(name, steps, args.seed, args.small), tok, mesh)
     if eval_step is None:
-      eval_step = jax.jit(trainer.make_eval_step(runs[name].model, config, tok.pad_id))
+      eval_step = runs[name].setup.eval_step
     log(f"{name}: built ({time.perf_counter() - start:.0f} s)")
     results[name] = sweep(runs[name], lrs[name], batches, eval_step, val_batches, log)
 

@@ -9,7 +9,7 @@ float32-accumulate matmul big enough to saturate them), capjax's jitted train st
 --compare=clipjax, clip-jax's CapPa at the same sizes (bench/clipjax_cappa.py).
 Rounds interleave the contenders (one step each, then the matmuls) so that
 background load hits them alike; times are medians over the rounds after compiling.
-Model FLOPs are analytic (capjax/flops.py), so MFU = model FLOP/s / roofline.
+Model FLOPs are analytic (the task's `flops_per_example`), so MFU = model FLOP/s / roofline.
 `cpu_s` is the process CPU time per step (the sum over threads), a second view that
 other processes' load disturbs less than wall time.
 
@@ -89,7 +89,7 @@ def main(argv=None):
   if args.compare == "clipjax":
     import clipjax_cappa  # pylint: disable=g-import-not-at-top
     contenders["clipjax"] = clipjax_cappa.ClipjaxStep(
-        config, steps.MASK_ID, steps.PAD_ID, steps.BOS_ID, steps.EOS_ID)
+        config, steps.IDS.mask, steps.IDS.pad, steps.IDS.bos, steps.IDS.eos)
   for step in contenders.values():
     step.init(batch)
   compile_s = compile_all(contenders)
@@ -103,7 +103,7 @@ def main(argv=None):
   roof, f32 = times.pop("roofline"), times.pop("f32")
 
   b = config.train.batch_size
-  flop_per_step = b * flops.cappa_train_flops_per_example(config.model, config.data.image_size)
+  flop_per_step = b * contenders["capjax"].run_setup.task.flops_per_example()
   roof_flops = roofline.flop / min(w for w, _ in roof)
   roof_cpu_flops = roofline.flop / statistics.median(c for _, c in roof)
   f32_flops = f32_matmul.flop / min(w for w, _ in f32)

@@ -17,13 +17,14 @@ Paths go through `epath`, so `gs://bucket/dir` works like a local directory.
 import json
 import logging
 
-from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from capjax import workdir
 
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -34,11 +35,6 @@ class CheckpointMismatchError(ValueError):
 
 class NoUsableCheckpointError(RuntimeError):
   """Every checkpoint of a run failed to restore."""
-
-
-def as_path(directory) -> epath.Path:
-  path = epath.Path(directory)
-  return path if "://" in str(directory) else path.absolute()
 
 
 def _key_str(key) -> str:
@@ -84,7 +80,7 @@ class Checkpointer:
   `keep_period`-th step (0: none extra)."""
 
   def __init__(self, directory, every: int = 0, keep: int = 0, keep_period: int = 0):
-    self.directory = as_path(directory)
+    self.directory = workdir.path(directory)
     self.every = every
     before = self._entries()
     options = ocp.CheckpointManagerOptions(
@@ -196,7 +192,7 @@ class Checkpointer:
 
 def _reader(directory, state_handler=None) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      as_path(directory), options=ocp.CheckpointManagerOptions(create=False),
+      workdir.path(directory), options=ocp.CheckpointManagerOptions(create=False),
       item_handlers=_handlers(state_handler or ocp.PyTreeCheckpointHandler()))
 
 

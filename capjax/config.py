@@ -104,13 +104,30 @@ def load(name_or_path: str, overrides: list[str] = ()) -> ml_collections.ConfigD
   return config
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved with a run, over today's `base()`: keys added since (e.g. `task`; every run
+  before it was CapPa) take their defaults, so older checkpoints still load."""
+  def merge(into: ml_collections.ConfigDict, values: dict):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(into.get(key), ml_collections.ConfigDict):
+        merge(into[key], value)
+      else:
+        with into.ignore_type():
+          into[key] = value
+  config = base()
+  merge(config, saved)
+  return config
+
+
 DEFAULT_SHARDING_RULES = (
     # params
     ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
     ("vocab", "tensor"), ("patch", None), ("layers", None),
-    # activations
+    # activations; act_batch also splits the input batches
     ("act_batch", ("data", "fsdp")), ("act_len", None), ("act_embed", None),
     ("act_mlp", "tensor"),
+    # optimizer-state leaves that mirror no param (Shampoo's block statistics)
+    ("opt_stats", "fsdp"),
 )
 
 
@@ -119,8 +136,10 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = "bfloat16"
-  c.model = dict(name="cappa", vocab_size=32_000, max_len=64, patch_size=16, width=768,
+  c.task = "cappa"  # capjax/tasks/: the model family, its losses and predict functions
+  c.model = dict(vocab_size=32_000, max_len=64, patch_size=16, width=768,
                  enc_depth=12, dec_depth=6, mlp_dim=2048, num_heads=12, num_registers=8,
+                 dec_width=0, dec_mlp_dim=0,  # decoder's own sizes; 0: width, mlp_dim
                  remat_policy="none", scan_unroll=1)  # blocks per scan iteration
   c.data = dict(
       name="shapes", dir="", image_size=224, num_threads=2, prefetch=8, num_workers=0,

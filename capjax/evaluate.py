@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from capjax import evals, inference
+from capjax import evals, trained as trained_lib
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     evaluator = evals.get(args.eval)
-    trained = inference.load(args.workdir, args.step)
+    trained = trained_lib.load(args.workdir, args.step)
     metrics = evaluator(trained, split=args.split, num_examples=args.num_examples, show=args.show)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,13 +1,5 @@
-"""Analytic model FLOPs (XLA's cost analysis counts a scanned layer once) and device peaks.
-
-Forward FLOPs per example = 2 x (multiply-adds of every matmul), attention included:
-  encoder, T = patches + registers tokens, per layer:
-    4*T*D*D (q,k,v,o) + 2*T*T*D (scores and weighted sum) + 3*T*D*M (GeGLU gate/up/down)
-  decoder, L tokens, per layer:
-    4*L*D*D + 2*L*L*D (self) + 2*L*D*D + 2*T*D*D + 2*L*T*D (cross) + 3*L*D*M
-  plus patch embedding N*P*D and the vocabulary projection L*D*V.
-Training = 3 x forward (backward is twice the forward).
-"""
+"""Device peaks for MFU. Model FLOPs are analytic, per task (`Task.flops_per_example`):
+XLA's cost analysis counts a scanned layer once."""
 
 import time
 
@@ -18,25 +10,6 @@ import jax.numpy as jnp
 PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v4": 275e12,
               "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
               "NVIDIA A100": 312e12}
-
-
-def cappa_forward_flops_per_example(model_config, image_size: int) -> float:
-  m = model_config
-  d, dd = m.width, (m.get("dec_width") or m.width)
-  mlp, dmlp = m.mlp_dim, (m.get("dec_mlp_dim") or m.mlp_dim)
-  n = (image_size // m.patch_size) ** 2
-  t, length = n + m.num_registers, m.max_len
-  macs = n * (m.patch_size**2 * 3) * d
-  macs += m.enc_depth * (4 * t * d * d + 2 * t * t * d + 3 * t * d * mlp)
-  macs += m.dec_depth * (4 * length * dd * dd + 2 * length * length * dd
-                         + 2 * length * dd * dd + 2 * t * d * dd + 2 * length * t * dd
-                         + 3 * length * dd * dmlp)
-  macs += length * dd * m.vocab_size
-  return 2.0 * macs
-
-
-def cappa_train_flops_per_example(model_config, image_size: int) -> float:
-  return 3.0 * cappa_forward_flops_per_example(model_config, image_size)
 
 
 def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:

@@ -10,6 +10,8 @@ from etils import epath
 import jax
 import tqdm
 
+from capjax import workdir as workdir_lib
+
 # wandb's offline files need a local directory; with a gs:// workdir they go here.
 LOCAL_WANDB_DIR = os.path.expanduser("~/.cache/capjax")
 
@@ -52,7 +54,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, config, total_steps: int, initial_step: int = 0):
     self.main = jax.process_index() == 0
-    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.path = workdir_lib.metrics(workdir)
     self.run = None
     self.bar = None
     if not self.main:

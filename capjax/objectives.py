@@ -1,12 +1,9 @@
-"""CapPa objective: per example, autoregressive captioning or parallel prediction.
+"""Pieces of caption objectives shared by the tasks: teacher forcing and the token loss.
 
-With probability `masked_pred_prob` an example's decoder input is replaced entirely
-by MASK tokens and its self-attention is bidirectional (parallel prediction);
-otherwise it is teacher-forced causal captioning. Both use the same token
-cross-entropy on the caption (padding excluded).
+Each family's own objective (CapPa's parallel prediction, a prefix LM's masked image
+positions, SigLiT's sigmoid loss) lives in its task file under `capjax/tasks/`.
 """
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -16,23 +13,8 @@ def split_inputs_targets(tokens_BxL1):
   return tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
 
 
-def parallel_prediction_rows(rng, batch_size: int, masked_pred_prob: float):
-  """bool[B]: True for the examples trained by parallel prediction this step."""
-  return jax.random.uniform(rng, (batch_size,)) < masked_pred_prob
-
-
 def causal_mask(length: int):
   return jnp.tril(jnp.ones((length, length), dtype=bool))
-
-
-def self_attention_mask(parallel_B, length: int):
-  """bool[B, 1, L, L]: causal for captioning rows, all-True for parallel rows."""
-  causal_LxL = causal_mask(length)
-  return (causal_LxL[None] | parallel_B[:, None, None])[:, None]
-
-
-def mask_inputs(inputs_BxL, parallel_B, mask_id: int):
-  return jnp.where(parallel_B[:, None], jnp.asarray(mask_id, inputs_BxL.dtype), inputs_BxL)
 
 
 def token_cross_entropy(logits_BxLxV, targets_BxL, pad_id: int):
@@ -41,28 +23,3 @@ def token_cross_entropy(logits_BxLxV, targets_BxL, pad_id: int):
   losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxLxV.astype(jnp.float32), targets_BxL)
   return jnp.sum(losses_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
-
-
-def cappa_inputs(tokens_BxL1, rng, masked_pred_prob: float, mask_id: int):
-  """Returns (decoder inputs, targets, self-attention mask, parallel rows)."""
-  inputs_BxL, targets_BxL = split_inputs_targets(tokens_BxL1)
-  parallel_B = parallel_prediction_rows(rng, inputs_BxL.shape[0], masked_pred_prob)
-  inputs_BxL = mask_inputs(inputs_BxL, parallel_B, mask_id)
-  return inputs_BxL, targets_BxL, self_attention_mask(parallel_B, inputs_BxL.shape[1]), parallel_B
-
-
-def cappa_loss(apply_fn, params, images, tokens_BxL1, rng, *, masked_pred_prob: float,
-               mask_id: int, pad_id: int):
-  inputs_BxL, targets_BxL, mask_Bx1xLxL, parallel_B = cappa_inputs(
-      tokens_BxL1, rng, masked_pred_prob, mask_id)
-  logits_BxLxV = apply_fn(params, images, inputs_BxL, mask_Bx1xLxL)
-  loss = token_cross_entropy(logits_BxLxV, targets_BxL, pad_id)
-  return loss, {"parallel_fraction": jnp.mean(parallel_B.astype(jnp.float32))}
-
-
-def captioning_loss(apply_fn, params, images, tokens_BxL1, *, pad_id: int):
-  """Teacher-forced causal loss only (what validation reports, as in seed 003)."""
-  inputs_BxL, targets_BxL = split_inputs_targets(tokens_BxL1)
-  mask = causal_mask(inputs_BxL.shape[1])[None, None]
-  logits_BxLxV = apply_fn(params, images, inputs_BxL, mask)
-  return token_cross_entropy(logits_BxLxV, targets_BxL, pad_id)

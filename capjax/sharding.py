@@ -2,7 +2,10 @@
 
 Models name logical axes only ("embed", "mlp", "act_batch", ...); the rules in
 `config.sharding.rules` map them to the mesh axes ("data", "fsdp", "tensor").
-The same code runs on 1 device (every axis of size 1) and on a pod slice.
+The rules are the only road from a logical name to a mesh axis: input batches are split
+like activations' batch dim (`BATCH`), and optimizer-state leaves that mirror no param
+(Shampoo's block statistics) by `OPT_STATS`. The same code runs on 1 device (every axis of
+size 1) and on a pod slice.
 """
 
 import math
@@ -13,9 +16,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-# Optimizer-state leaves that do not mirror a param (e.g. Shampoo statistics) are
-# split over fsdp along their first divisible axis once they are at least this big.
+BATCH = "act_batch"  # logical name of the batch dim, of activations and input batches alike
+OPT_STATS = "opt_stats"  # logical name for optimizer-state leaves that mirror no param
+# Those leaves are split along their first divisible axis once they are at least this big.
 MIN_SHARDED_STATE_SIZE = 2**12
 
 
@@ -52,8 +55,17 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+def mesh_axes(rules, logical_name: str):
+  """The mesh axis (or tuple of axes, or None) the rules map `logical_name` to."""
+  for name, axes in rules:
+    if name == logical_name:
+      return axes
+  return None
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+  """Input batches: leading dim split like activations' batch dim."""
+  return NamedSharding(mesh, P(mesh_axes(rules, BATCH)))
 
 
 def _axes_size(mesh, entry) -> int:
@@ -83,18 +95,17 @@ def param_shardings(abstract_boxed_params, mesh, rules):
                       unbox_shapes(abstract_boxed_params))
 
 
-def non_param_state_sharding(leaf, mesh) -> NamedSharding:
-  """Split a large optimizer-state leaf over fsdp along its first divisible axis.
-
-  E.g. Shampoo's stacked (num_blocks, b, b) statistics are split along num_blocks.
+def non_param_state_sharding(leaf, mesh, axes) -> NamedSharding:
+  """Split a large optimizer-state leaf over the mesh `axes` (the `OPT_STATS` rule) along its
+  first divisible axis. E.g. Shampoo's stacked (num_blocks, b, b) statistics along num_blocks.
   """
-  fsdp = mesh.shape["fsdp"]
+  size = _axes_size(mesh, axes)
   shape = getattr(leaf, "shape", ())
-  if fsdp == 1 or int(np.prod(shape)) < MIN_SHARDED_STATE_SIZE:
+  if size == 1 or int(np.prod(shape)) < MIN_SHARDED_STATE_SIZE:
     return replicated(mesh)
   for axis, dim in enumerate(shape):
-    if dim % fsdp == 0:
-      return NamedSharding(mesh, P(*([None] * axis), "fsdp"))
+    if dim % size == 0:
+      return NamedSharding(mesh, P(*([None] * axis), axes))
   return replicated(mesh)
 
 
@@ -108,7 +119,7 @@ def _param_at(path, params_by_path):
   return None
 
 
-def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, mesh):
+def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, mesh, rules):
   """Shardings for every leaf of an optimizer state, whatever the optimizer.
 
   A leaf found under a param's key path (AdamW's mu/nu, Shampoo's momenta and
@@ -126,8 +137,9 @@ def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, m
     found = _param_at(path, params_by_path)
     if found is not None and found[0] == tuple(getattr(leaf, "shape", ())):
       return found[1]
-    return non_param_state_sharding(leaf, mesh)
+    return non_param_state_sharding(leaf, mesh, stats_axes)
 
+  stats_axes = mesh_axes(rules, OPT_STATS)
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt_state)
 
 
@@ -145,13 +157,12 @@ def bytes_per_device(abstract_tree, shardings) -> int:
   return int(sum(jax.tree.leaves(sizes)))
 
 
-def global_batch(local_batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes.
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """Per-process numpy batch -> global jax.Arrays laid out by `sharding` (`batch_sharding`).
 
   Each process passes only the examples it read; the global batch is their
   concatenation in the order of the processes' devices in the mesh.
   """
-  sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 

@@ -13,17 +13,13 @@ import os
 import sys
 import time
 
-from etils import epath
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from capjax import checkpoint, config as config_lib, decode, flops, metrics_log, models
-from capjax import sharding, stopping, trainer
+from capjax import checkpoint, config as config_lib, flops, metrics_log, setup as setup_lib
+from capjax import stopping, workdir as workdir_lib
 from capjax.data import pipeline, tokenizer as tokenizer_lib
-from capjax.optim import factory
 
 
 def parse_args(argv):
@@ -45,8 +41,8 @@ def initialize_distributed(args):
 
 def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
   """Uses `tokenizer.path` if set, else DIR/tokenizer.model, trained on first use."""
-  path = config.tokenizer.path or str(epath.Path(workdir) / "tokenizer.model")
-  if not epath.Path(path).exists() and jax.process_index() == 0:
+  path = str(workdir_lib.tokenizer(workdir, config))
+  if not workdir_lib.path(path).exists() and jax.process_index() == 0:
     tokenizer_lib.train(pipeline.training_captions(config), path,
                         config.tokenizer.vocab_size, config.tokenizer.model_type)
   if jax.process_count() > 1:
@@ -59,38 +55,27 @@ def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
   return tok
 
 
-def evaluate(config, model, params, tok, eval_step, mesh):
-  """Validation loss (captioning objective) and a few greedy captions."""
+def evaluate(run: setup_lib.Setup, params, tok):
+  """The task's validation loss and a few generated captions beside their truths."""
+  config = run.config
+  generate = run.task.predict_fns().get("generate")
   losses, samples = [], []
   for batch in pipeline.eval_batches(config, tok, "val", config.eval.num_examples,
                                      config.eval.batch_size):
-    losses.append(float(eval_step(params, {k: batch[k] for k in ("image", "tokens")})))
-    if len(samples) < config.eval.num_captions:
+    losses.append(float(run.eval_step(params, {k: batch[k] for k in run.task.batch_spec(1)})))
+    if generate is not None and len(samples) < config.eval.num_captions:
       n = config.eval.num_captions - len(samples)
-      images = trainer.normalize_images(jnp.asarray(batch["image"][:n]), jnp.dtype(config.dtype))
-      out = decode.greedy(model, params, images, max_len=config.model.max_len)
+      out = generate(params, batch["image"][:n])
       samples += [(tok.decode(o), r["captions"][0])
                   for o, r in zip(np.asarray(out), batch["records"])]
   return {"val/loss": float(np.mean(losses))}, samples
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return f"{workdir.rstrip('/')}/checkpoints"  # string join: also right for gs:// paths
-
-
-def abstract_state(model, optimizer, config, state_sh) -> trainer.TrainState:
-  """The train state's shapes and dtypes, carrying the shardings `state_sh`; no allocation."""
-  params = sharding.unbox_shapes(trainer.abstract_params(model, config))
-  state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                             opt_state=jax.eval_shape(optimizer.init, params))
-  return sharding.with_shardings(state, state_sh)
-
-
-def restore_or_init(ckpt, model, optimizer, config, mesh, state_sh, data_iter):
+def restore_or_init(ckpt, run: setup_lib.Setup, data_iter):
   """(state, meta, restored step or None): the newest usable checkpoint, else a fresh state."""
-  state, step, meta = ckpt.restore(abstract_state(model, optimizer, config, state_sh), data_iter)
+  state, step, meta = ckpt.restore(run.abstract_state(), data_iter)
   if state is None:
-    state = trainer.create_state(model, optimizer, config, mesh)
+    state = run.init_state()
   return state, meta, step
 
 
@@ -100,7 +85,7 @@ def check_nonfinite(nonfinite, config, writer, ckpt):
   if not bad:
     return
   stop_mode = config.train.nonfinite == "stop"
-  limit = config.train.get("max_consecutive_skips", 0)
+  limit = config.train.max_consecutive_skips
   if stop_mode or (limit and nonfinite.consecutive >= limit):
     ckpt.wait()
     last = ckpt.latest_step()
@@ -120,41 +105,31 @@ def train(config, workdir: str):
     raise config_lib.ConfigError(
         f"train.nonfinite must be 'skip' or 'stop', got {config.train.nonfinite!r}")
   stop = stopping.StopRequest()  # early: a SIGTERM during start-up still gets a clean stop
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
   tok = ensure_tokenizer(config, workdir)
-  model = models.from_config(config)
-  optimizer = factory.make_optimizer(config)
-  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir), config.checkpoint.every,
+  run = setup_lib.assemble(config, tok.special)
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), config.checkpoint.every,
                                  config.checkpoint.keep, config.checkpoint.keep_period)
   dataset = pipeline.train_dataset(config, tok.path, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
   writer = None
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-      state, meta, restored_step = restore_or_init(
-          ckpt, model, optimizer, config, mesh, state_sh, data_iter)
+    with run.context():
+      state, meta, restored_step = restore_or_init(ckpt, run, data_iter)
       step = int(state.step)
       nonfinite = stopping.NonfiniteSteps(meta.get("skipped_steps", 0))
-      train_step = trainer.jit_train_step(
-          trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id),
-          state_sh, mesh)
-      eval_step = jax.jit(trainer.make_eval_step(model, config, tok.pad_id))
       param_norm = jax.jit(optax.tree.norm)  # at log steps only: a pass over all params
       writer = metrics_log.MetricsWriter(workdir, config, config.train.num_steps, step)
       if restored_step is not None:
         writer.message(f"resumed from step {restored_step}")
-      flops_per_step = config.train.batch_size * flops.cappa_train_flops_per_example(
-          config.model, config.data.image_size)
+      flops_per_step = config.train.batch_size * run.task.flops_per_example()
       peak, peak_source = flops.peak_flops_per_device()
       peak *= jax.device_count()
-      writer.message(f"{jax.device_count()} devices, mesh {dict(mesh.shape)}, "
+      writer.message(f"{jax.device_count()} devices, mesh {dict(run.mesh.shape)}, "
                      f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
       window_start, window_steps = time.perf_counter(), 0
       while step < config.train.num_steps:
-        batch = sharding.global_batch(next(data_iter), mesh)
-        state, metrics = train_step(state, batch)
+        batch = run.global_batch(next(data_iter))
+        state, metrics = run.train_step(state, batch)
         step += 1
         window_steps += 1
         nonfinite.add(step, metrics["train/nonfinite"])
@@ -175,7 +150,7 @@ def train(config, workdir: str):
           window_start, window_steps = time.perf_counter(), 0
         if config.eval.every > 0 and (step % config.eval.every == 0
                                       or step == config.train.num_steps):  # 0: never
-          val, samples = evaluate(config, model, state.params, tok, eval_step, mesh)
+          val, samples = evaluate(run, state.params, tok)
           writer.write(step, val)
           writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
           for generated, truth in samples:

@@ -11,13 +11,12 @@ target layout.
 import json
 import sys
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from capjax import checkpoint, models, sharding, train, trainer
-from capjax.optim import factory
+from capjax import checkpoint, setup, sharding
+from capjax.data import tokenizer
 from tests.helpers import tiny_config
 
 SAVE_MESH = (1, 8, 1)
@@ -42,12 +41,10 @@ def num_sharded(tree) -> int:
 def main(directory: str):
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config(**{"model.width": 64, "model.num_heads": 4, "model.mlp_dim": 128})
-  model, optimizer = models.from_config(config), factory.make_optimizer(config)
-  rules = sharding.rules_from_config(config)
-  mesh = make_mesh(SAVE_MESH)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-    state = trainer.create_state(model, optimizer, config, mesh)
+  run = setup.assemble(config, tokenizer.SENTENCEPIECE_IDS, make_mesh(SAVE_MESH))
+  optimizer, state_sh = run.optimizer, run.state_shardings
+  state = run.init_state()
+  with run.context():
     # One update with the params as the "gradient", so the moments are not all zero.
     update = lambda s: s.replace(opt_state=optimizer.update(s.params, s.opt_state, s.params)[1])
     state = jax.jit(update, out_shardings=state_sh)(state)
@@ -58,10 +55,10 @@ def main(directory: str):
   report = {"saved_sharded_leaves": num_sharded(state)}
   for shape in RESTORE_MESHES:
     mesh = make_mesh(shape)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      target_sh = trainer.state_shardings(model, optimizer, config, mesh)
-      abstract = train.abstract_state(model, optimizer, config, target_sh)
-      restored, step, _ = checkpoint.Checkpointer(directory).restore(abstract)
+    target = setup.assemble(config, tokenizer.SENTENCEPIECE_IDS, mesh)
+    target_sh = target.state_shardings
+    with target.context():
+      restored, step, _ = checkpoint.Checkpointer(directory).restore(target.abstract_state())
     layouts = [x.sharding == s for x, s in zip(
         jax.tree.leaves(restored), jax.tree.leaves(
             target_sh, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))]

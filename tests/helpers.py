@@ -13,3 +13,23 @@ def tiny_config(**overrides):
           "dtype": "float32", "wandb.mode": "disabled", "data.num_threads": 1}
   args.update(overrides)
   return config_lib.load("shapes_tiny", [f"--config.{k}={v}" for k, v in args.items()])
+
+
+def task(config):
+  """The config's task, with the special ids of a tokenizer made by capjax."""
+  from capjax import tasks  # pylint: disable=g-import-not-at-top
+  from capjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  return tasks.get(config, tokenizer.SENTENCEPIECE_IDS)
+
+
+def abstract_params(config):
+  """Boxed (logically annotated) param shapes of the config's model; nothing allocated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.eval_shape(task(config).init_params, jax.random.key(0))
+
+
+def optimizer(config):
+  """The config's optimizer, given its model's logical param axes."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from capjax.optim import factory  # pylint: disable=g-import-not-at-top
+  return factory.make_optimizer(config, nn.get_partition_spec(abstract_params(config)))

@@ -11,6 +11,9 @@
       the real input pipeline; reports losses and the source indices it read.
   python -m tests.multihost_worker reference --tokenizer=T --out=DIR
       the same 3 steps in one process on 1 device, fed both processes' batches.
+  python -m tests.multihost_worker rules (8 devices): one Shampoo step on a (4, 2, 1) mesh
+      under the default sharding rules and under rules that put the batch and the optimizer
+      statistics on "data" alone; reports the specs and split fractions of both.
 
 Runs from the repository root (`-m`), so `tests.helpers` imports.
 """
@@ -79,24 +82,21 @@ def random_batches(config, num_steps: int = NUM_STEPS, seed: int = 0) -> list[di
                                   np.int32)} for _ in range(num_steps)]
 
 
-def run_steps(config, mesh, local_batches, mask_id: int = 4, pad_id: int = 0):
+def run_steps(config, mesh, local_batches, special=None):
   """Creates the sharded state on `mesh`, runs one train step per batch.
 
   Returns (losses, final state, the step's lowered StableHLO text).
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from capjax import models, sharding, trainer  # pylint: disable=g-import-not-at-top
-  from capjax.optim import factory  # pylint: disable=g-import-not-at-top
-  model, optimizer = models.from_config(config), factory.make_optimizer(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
-    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-    state = trainer.create_state(model, optimizer, config, mesh)
-    step = trainer.jit_train_step(
-        trainer.make_train_step(model, optimizer, config, mask_id, pad_id), state_sh, mesh)
-    hlo = step.lower(state, sharding.global_batch(local_batches[0], mesh)).as_text()
+  from capjax import setup  # pylint: disable=g-import-not-at-top
+  from capjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  run = setup.assemble(config, special or tokenizer.SENTENCEPIECE_IDS, mesh)
+  state = run.init_state()
+  with run.context():
+    step = run.train_step
+    hlo = step.lower(state, run.global_batch(local_batches[0])).as_text()
     losses = []
     for batch in local_batches:
-      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      state, metrics = step(state, run.global_batch(batch))
       losses.append(float(metrics["train/loss"]))
   return losses, state, hlo
 
@@ -156,6 +156,46 @@ def meshes_main(meshes):
   print(json.dumps(report))
 
 
+def custom_rules(rules) -> tuple:
+  """`rules` with the batch and the optimizer statistics on "data" only (fsdp left alone)."""
+  moved = {"act_batch": "data", "opt_stats": "data"}
+  return tuple((name, moved.get(name, axes)) for name, axes in rules)
+
+
+def rules_main():
+  """Batch and Shampoo-statistics shardings, after one step, under two sets of rules."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from capjax import sharding  # pylint: disable=g-import-not-at-top
+  from capjax.optim.shampoo import ShampooParamState  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8, jax.devices()
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4, "fsdp": 2, "tensor": 1}))
+  report = {}
+  for name in ("default", "custom"):
+    config = sharded_config(**{"optimizer.name": "shampoo", "optimizer.block_size": 16,
+                               "optimizer.merge_small_dims_block_size": 64,
+                               "optimizer.start_preconditioning_step": 1})
+    if name == "custom":
+      with config.unlocked():
+        config.sharding.rules = custom_rules(config.sharding.rules)
+    from capjax import setup  # pylint: disable=g-import-not-at-top
+    from capjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+    run = setup.assemble(config, tokenizer.SENTENCEPIECE_IDS, mesh)
+    state = run.init_state()
+    batch = run.global_batch(random_batches(config, 1)[0])
+    with run.context():
+      state, _ = run.train_step(state, batch)
+    stats = [leaf.statistics for leaf in jax.tree.leaves(
+        state.opt_state, is_leaf=lambda x: isinstance(x, ShampooParamState))
+             if isinstance(leaf, ShampooParamState) and leaf.statistics.size >= 4096]
+    report[name] = {
+        "batch_specs": sorted({str(x.sharding.spec) for x in batch.values()}),
+        "batch_fraction": [sharding.addressable_fraction(x) for x in batch.values()],
+        "stats_specs": sorted({str(x.sharding.spec) for x in stats}),
+        "stats_fraction": sorted({sharding.addressable_fraction(x) for x in stats}),
+        "num_stats": len(stats)}
+  print(json.dumps(report))
+
+
 def pipeline_config(tokenizer_path: str, **overrides):
   return sharded_config(**{"data.name": "indexed_shapes", "tokenizer.path": tokenizer_path,
                            "mesh.data": 1, "mesh.fsdp": -1, **overrides})
@@ -212,13 +252,13 @@ def reference_main(args):
 def train_on(config, mesh, batches):
   from capjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.Tokenizer(config.tokenizer.path)
-  losses, state, _ = run_steps(config, mesh, batches, tok.mask_id, tok.pad_id)
+  losses, state, _ = run_steps(config, mesh, batches, tok.special)
   return losses, state
 
 
 def main(argv):
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=("meshes", "process", "reference"))
+  parser.add_argument("mode", choices=("meshes", "process", "reference", "rules"))
   parser.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in MESHES),
                       help="data,fsdp,tensor;... (meshes mode)")
   parser.add_argument("--port", type=int)
@@ -229,7 +269,7 @@ def main(argv):
   args = parser.parse_args(argv)
   meshes = [tuple(map(int, m.split(","))) for m in args.meshes.split(";")]
   {"meshes": lambda: meshes_main(meshes), "process": lambda: process_main(args),
-   "reference": lambda: reference_main(args)}[args.mode]()
+   "reference": lambda: reference_main(args), "rules": rules_main}[args.mode]()
 
 
 if __name__ == "__main__":

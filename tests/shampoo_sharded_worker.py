@@ -12,15 +12,13 @@ simulated devices and calls `run` in-process on 1 device.
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from capjax import models, sharding, trainer
+from capjax import setup, sharding
 from capjax.data import pipeline
 from capjax.data import tokenizer as tokenizer_lib
-from capjax.optim import factory
 from capjax.optim.shampoo import ShampooParamState
 from tests.helpers import tiny_config
 
@@ -67,20 +65,16 @@ def run(tokenizer_path: str, fsdp: int, steps: int = STEPS) -> dict:
   """Trains `steps` steps on a (data=devices/fsdp, fsdp) mesh; returns numpy results."""
   config = shampoo_config()
   tok = tokenizer_lib.Tokenizer(tokenizer_path)
-  model, optimizer = models.from_config(config), factory.make_optimizer(config)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1}))
+  run_setup = setup.assemble(config, tok.special, mesh)
   data = iter(pipeline.train_dataset(config, tokenizer_path))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
-    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-    # trainer.create_state, compiled with FAST_COMPILE.
-    init = jax.jit(trainer.make_init_fn(model, optimizer, config), out_shardings=state_sh)
+  with run_setup.context():
+    # Setup.init_state, compiled with FAST_COMPILE.
+    init = run_setup.init_fn()
     rng = jax.random.key(config.seed)
     state = init.lower(rng).compile(FAST_COMPILE)(rng)
-    train_step = trainer.jit_train_step(
-        trainer.make_train_step(model, optimizer, config, tok.mask_id, tok.pad_id),
-        state_sh, mesh)
-    batches = [sharding.global_batch(next(data), mesh) for _ in range(steps)]
-    train_step = train_step.lower(state, batches[0]).compile(FAST_COMPILE)
+    batches = [run_setup.global_batch(next(data)) for _ in range(steps)]
+    train_step = run_setup.train_step.lower(state, batches[0]).compile(FAST_COMPILE)
     for batch in batches:
       state, _ = train_step(state, batch)
   out = {f"params/{jax.tree_util.keystr(path)}": np.asarray(leaf)

@@ -7,15 +7,13 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from capjax import checkpoint, inference, models, sharding, train, trainer
-from capjax.data import pipeline
-from capjax.optim import factory
+from capjax import checkpoint, setup as setup_lib, sharding, train, trained, workdir as workdir_lib
+from capjax.data import pipeline, tokenizer as tokenizer_lib
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,22 +24,19 @@ class Setup:
 
   def __init__(self, init: bool = True, **overrides):
     self.config = tiny_config(**overrides)
-    self.model = models.from_config(self.config)
-    self.optimizer = factory.make_optimizer(self.config)
     self.mesh = sharding.make_mesh(
         ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
-    self.rules = sharding.rules_from_config(self.config)
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      self.state_sh = trainer.state_shardings(self.model, self.optimizer, self.config, self.mesh)
-      if init:
-        self.state = trainer.create_state(self.model, self.optimizer, self.config, self.mesh)
+    self.run = setup_lib.assemble(self.config, tokenizer_lib.SENTENCEPIECE_IDS, self.mesh)
+    self.model = self.run.task.model
+    if init:
+      self.state = self.run.init_state()
 
   def abstract(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return train.abstract_state(self.model, self.optimizer, self.config, self.state_sh)
+    with self.run.context():
+      return self.run.abstract_state()
 
   def restore(self, directory, data_iter=None):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with self.run.context():
       return checkpoint.Checkpointer(directory).restore(self.abstract(), data_iter)
 
 
@@ -163,7 +158,7 @@ def test_restores_onto_other_meshes(tmp_path):
 def test_export_gives_the_same_logits_as_the_training_state(tmp_path, setup):
   workdir, out = tmp_path / "run", tmp_path / "export"
   train.ensure_tokenizer(setup.config, str(workdir))
-  ckpt = checkpoint.Checkpointer(train.checkpoint_dir(str(workdir)))
+  ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir))
   ckpt.save(9, setup.state, config=setup.config)
   ckpt.close()
   proc = subprocess.run(
@@ -174,14 +169,14 @@ def test_export_gives_the_same_logits_as_the_training_state(tmp_path, setup):
   assert sorted(os.listdir(out)) == ["config.json", "export.json", "params", "tokenizer.model"]
   assert not any("opt_state" in name for _, dirs, files in os.walk(out) for name in dirs + files)
 
-  exported = inference.load_exported(str(out))
+  exported = trained.load_exported(str(out))
   assert exported.step == 9 and exported.tokenizer.vocab_size > 0
-  assert bitwise_equal(inference.load(str(out)).params, exported.params)
+  assert bitwise_equal(trained.load(str(out)).params, exported.params)
   assert exported.config.model.to_dict() == setup.config.model.to_dict()
-  images, tokens, mask = trainer.dummy_inputs(setup.config)
+  images, tokens, mask = setup.run.task.init_inputs()
   images = images + np.linspace(-1, 1, images.size, dtype=np.float32).reshape(images.shape)
   tokens = tokens + np.arange(tokens.shape[1], dtype=np.int32) % 7 + 3
   logits = jax.jit(lambda params: setup.model.apply({"params": params}, images, tokens, mask))
   want = np.asarray(logits(setup.state.params))
   np.testing.assert_array_equal(np.asarray(logits(exported.params)), want)
-  np.testing.assert_array_equal(np.asarray(logits(inference.load(str(workdir)).params)), want)
+  np.testing.assert_array_equal(np.asarray(logits(trained.load(str(workdir)).params)), want)

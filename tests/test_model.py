@@ -6,16 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capjax import config as config_lib, models, objectives, trainer
+from capjax import config as config_lib, objectives
+from capjax.tasks import cappa as cappa_task
+from tests import helpers
 from tests.helpers import tiny_config
 
 MASK_ID, PAD_ID = 4, 0
 
 
 def _init(config):
-  model = models.from_config(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0), *trainer.dummy_inputs(config))["params"])
-  return model, params
+  task = helpers.task(config)
+  return task.model, nn.meta.unbox(task.init_params(jax.random.key(0)))
 
 
 def _batch(config, b=4, seed=0):
@@ -29,7 +30,7 @@ def _batch(config, b=4, seed=0):
 def test_parallel_rows_see_only_mask_and_full_attention():
   config = tiny_config()
   _, tokens = _batch(config, b=64)
-  inputs, targets, mask, parallel = objectives.cappa_inputs(
+  inputs, targets, mask, parallel = cappa_task.cappa_inputs(
       tokens, jax.random.key(1), 0.5, MASK_ID)
   parallel = np.asarray(parallel)
   assert 0 < parallel.sum() < 64  # both kinds of rows present
@@ -45,7 +46,7 @@ def test_parallel_rows_see_only_mask_and_full_attention():
 @pytest.mark.parametrize("prob,expected", [(0.0, 0), (1.0, 64)])
 def test_masked_pred_prob_ends(prob, expected):
   _, tokens = _batch(tiny_config(), b=64)
-  *_, parallel = objectives.cappa_inputs(tokens, jax.random.key(1), prob, MASK_ID)
+  *_, parallel = cappa_task.cappa_inputs(tokens, jax.random.key(1), prob, MASK_ID)
   assert int(np.sum(parallel)) == expected
 
 
@@ -116,8 +117,7 @@ def analytic_cappa_params(m, image_size):
 
 def test_cappa_l16_parameter_count():
   config = config_lib.load("cappa_l16_datacomp")
-  model = models.from_config(config)
-  abstract = trainer.abstract_params(model, config)
+  abstract = helpers.abstract_params(config)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract)))
   expected = analytic_cappa_params(config.model, config.data.image_size)
   assert abs(count - expected) / expected < 0.02, (count, expected)
@@ -127,7 +127,7 @@ def test_cappa_l16_parameter_count():
 
 def test_every_param_has_logical_axes():
   config = tiny_config()
-  abstract = trainer.abstract_params(models.from_config(config), config)
+  abstract = helpers.abstract_params(config)
   specs = jax.tree.leaves(nn.get_partition_spec(abstract), is_leaf=lambda x: x is None)
   leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)

@@ -5,15 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax import models, objectives, trainer
-from capjax.models import layers
+from capjax import objectives
+from capjax.tasks import cappa as cappa_task
+from capjax.models import cappa as cappa_model, layers
+from tests import helpers
 from tests.helpers import tiny_config
 
 
 def _init(config):
-  model = models.from_config(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0), *trainer.dummy_inputs(config))["params"])
-  return model, params
+  task = helpers.task(config)
+  return task.model, nn.meta.unbox(task.init_params(jax.random.key(0)))
 
 
 def _inputs(config, b=3):
@@ -26,7 +27,7 @@ def _inputs(config, b=3):
 
 def test_fused_projections_keep_logical_axes():
   config = tiny_config()
-  abstract = trainer.abstract_params(models.from_config(config), config)
+  abstract = helpers.abstract_params(config)
   layer = abstract["decoder"]["layers"]
   assert layer["self_attention"]["qkv"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
   assert layer["cross_attention"]["kv"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
@@ -43,7 +44,7 @@ def test_fused_attention_matches_explicit_weights():
   images, tokens = _inputs(config)
   length = tokens.shape[1]
   parallel = jnp.array([True, False, False])
-  mask = objectives.self_attention_mask(parallel, length)
+  mask = cappa_task.self_attention_mask(parallel, length)
   fast = model.apply({"params": params}, images, tokens, mask)
   explicit, state = model.apply({"params": params}, images, tokens, mask,
                                 mutable=["intermediates"])
@@ -70,7 +71,7 @@ def test_scan_unroll_does_not_change_the_model():
   model, params = _init(config)
   images, tokens = _inputs(config)
   mask = objectives.causal_mask(tokens.shape[1])[None, None]
-  unrolled = models.cappa.CapPa(**{**{f: getattr(model, f) for f in (
+  unrolled = cappa_model.CapPa(**{**{f: getattr(model, f) for f in (
       "vocab_size", "max_len", "patch_size", "width", "enc_depth", "dec_depth", "mlp_dim",
       "num_heads", "num_registers", "remat_policy", "dtype")}, "scan_unroll": 2})
   a = model.apply({"params": params}, images, tokens, mask)

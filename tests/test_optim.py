@@ -1,19 +1,17 @@
 """capjax.optim.factory: optimizers by name and their keys, Shampoo wired to the model's
 scanned layers, the cappa presets, and Shampoo's state through a checkpoint."""
 
-import contextlib
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from capjax import checkpoint, config as config_lib, models, sharding, train, trainer
+from capjax import checkpoint, config as config_lib, setup as setup_lib, sharding
 from capjax.data import pipeline
 from capjax.optim import factory
 from capjax.optim.shampoo import ShampooParamState, ShampooState
+from tests import helpers
 from tests.helpers import tiny_config
 from tests.shampoo_sharded_worker import FAST_COMPILE, shampoo_config, small_tokenizer
 
@@ -79,16 +77,14 @@ def _down_kernel_state(opt_state):
 
 def test_shampoo_preconditions_scanned_layers_one_by_one():
   config = shampoo_config(**{"model.enc_depth": 2})
-  model = models.from_config(config)
-  params = sharding.unbox_shapes(trainer.abstract_params(model, config))
+  params = sharding.unbox_shapes(helpers.abstract_params(config))
   kernel = params["encoder"]["layers"]["mlp"]["down"]["kernel"]
   assert kernel.shape == (2, 64, 32)
-  derived = jax.eval_shape(factory.make_optimizer(config).init, params)
-  given = jax.eval_shape(
-      factory.make_optimizer(config, factory.model_param_axes(config)).init, params)
+  state = jax.eval_shape(helpers.optimizer(config).init, params)
   # Each layer's (64, 32) kernel: 4 x 2 blocks of 16 x 16, a matrix per block and axis.
-  assert _down_kernel_state(derived).statistics.shape == (2 * 8 * 2, 16, 16)
-  assert jax.tree.map(lambda x: x.shape, derived) == jax.tree.map(lambda x: x.shape, given)
+  assert _down_kernel_state(state).statistics.shape == (2 * 8 * 2, 16, 16)
+  with pytest.raises(ValueError, match="needs the params' logical axes"):
+    factory.make_optimizer(config)
 
 
 @pytest.mark.parametrize("preset,block_size", [("cappa_b16", 1024),
@@ -103,9 +99,8 @@ def test_cappa_presets_train_with_seed_003_shampoo(preset, block_size):
   assert opt.start_preconditioning_step == 101
   assert factory.optimizer_args(opt)  # every key is one an optimizer reads
   if preset == "cappa_l16_datacomp":  # as its comment says: split over fsdp=32
-    params = sharding.unbox_shapes(
-        trainer.abstract_params(models.from_config(config), config))
-    state = jax.eval_shape(factory.make_optimizer(config).init, params)
+    params = sharding.unbox_shapes(helpers.abstract_params(config))
+    state = jax.eval_shape(helpers.optimizer(config).init, params)
     blocks = [s.statistics.shape[0] for s in _find(state, ShampooParamState)
               if s.statistics.ndim == 3]
     split = sum(n for n in blocks if n % 32 == 0)
@@ -123,25 +118,15 @@ class _Trainer:
     self.config = shampoo_config(**{"train.num_steps": 10})
     with self.config.unlocked():
       self.config.optimizer.update(start_preconditioning_step=3, preconditioning_compute_steps=4)
-    self.model = models.from_config(self.config)
-    self.optimizer = factory.make_optimizer(self.config)
     self.mesh = sharding.make_mesh(
         ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
-    self.rules = sharding.rules_from_config(self.config)
+    self.run = setup_lib.assemble(self.config, tokenizer.special, self.mesh)
+    self.context = self.run.context
     data = iter(pipeline.train_dataset(self.config, tokenizer.path))
     self.batches = [next(data) for _ in range(10)]
+    self.init_state = self.run.init_state()
     with self.context():
-      self.state_sh = trainer.state_shardings(self.model, self.optimizer, self.config, self.mesh)
-      self.init_state = trainer.create_state(self.model, self.optimizer, self.config, self.mesh)
-      step = trainer.jit_train_step(
-          trainer.make_train_step(self.model, self.optimizer, self.config,
-                                  tokenizer.mask_id, tokenizer.pad_id), self.state_sh, self.mesh)
-      self.step = step.lower(self.init_state, self.batches[0]).compile(FAST_COMPILE)
-
-  @contextlib.contextmanager
-  def context(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+      self.step = self.run.train_step.lower(self.init_state, self.batches[0]).compile(FAST_COMPILE)
 
   def fresh(self):
     return jax.tree.map(jnp.copy, self.init_state)  # the step donates its input
@@ -154,7 +139,7 @@ class _Trainer:
 
   def abstract(self):
     with self.context():
-      return train.abstract_state(self.model, self.optimizer, self.config, self.state_sh)
+      return self.run.abstract_state()
 
 
 def test_shampoo_state_checkpoint_continues_the_same_trajectory(tmp_path):

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from capjax import models, sharding, trainer
-from capjax.optim import factory, shampoo
+from capjax import config as config_lib, sharding
+from capjax.optim import shampoo
+from tests import helpers
 from tests.helpers import tiny_config
 from tests.multihost_worker import SHARDED_OVERRIDES
 
@@ -28,6 +29,9 @@ FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimizat
 
 def mesh_config(data, fsdp, tensor):
   return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+RULES = sharding.rules_from_config(config_lib.base())
 
 
 def abstract_mesh(data=1, fsdp=8, tensor=1):
@@ -61,12 +65,12 @@ def test_fit_to_shape_replicates_dims_the_axes_do_not_divide():
 
 
 def _abstract_state_shardings(config, mesh):
-  model, optimizer = models.from_config(config), factory.make_optimizer(config)
-  boxed = trainer.abstract_params(model, config)
+  rules = sharding.rules_from_config(config)
+  boxed = helpers.abstract_params(config)
   params = sharding.unbox_shapes(boxed)
-  params_sh = sharding.param_shardings(boxed, mesh, sharding.rules_from_config(config))
-  opt = jax.eval_shape(optimizer.init, params)
-  return params, params_sh, opt, sharding.opt_state_shardings(opt, params, params_sh, mesh)
+  params_sh = sharding.param_shardings(boxed, mesh, rules)
+  opt = jax.eval_shape(helpers.optimizer(config).init, params)
+  return params, params_sh, opt, sharding.opt_state_shardings(opt, params, params_sh, mesh, rules)
 
 
 def test_fsdp_splits_every_large_param_and_its_adam_moments():
@@ -93,7 +97,7 @@ def test_shampoo_state_is_sharded_like_params_and_block_statistics_over_fsdp():
   params_sh = {"dense": {"kernel": NamedSharding(mesh, P("fsdp", None))},
                "scale": NamedSharding(mesh, P("fsdp"))}
   opt = jax.eval_shape(shampoo.shampoo(1e-3, block_size=128).init, params)
-  opt_sh = sharding.opt_state_shardings(opt, params, params_sh, mesh)
+  opt_sh = sharding.opt_state_shardings(opt, params, params_sh, mesh, RULES)
   kernel, kernel_sh = opt.stats["dense"]["kernel"], opt_sh.stats["dense"]["kernel"]
   for name in ("diagonal_statistics", "diagonal_momentum", "momentum"):
     assert getattr(kernel_sh, name).spec == P("fsdp", None), name
@@ -110,8 +114,8 @@ def test_shampoo_state_is_sharded_like_params_and_block_statistics_over_fsdp():
     ((), P())])
 def test_non_param_state_sharding_first_divisible_axis(shape, expected):
   leaf = jax.ShapeDtypeStruct(shape, jnp.float32)
-  assert sharding.non_param_state_sharding(leaf, abstract_mesh(fsdp=8)).spec == expected
-  assert sharding.non_param_state_sharding(leaf, abstract_mesh(8, 1, 1)).spec == P()
+  assert sharding.non_param_state_sharding(leaf, abstract_mesh(fsdp=8), "fsdp").spec == expected
+  assert sharding.non_param_state_sharding(leaf, abstract_mesh(8, 1, 1), "fsdp").spec == P()
 
 
 def test_bytes_per_device():
@@ -196,3 +200,21 @@ def test_plan_pod_on_a_tiny_config():
   assert result.returncode == 0, out + result.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1} on 8 devices" in out
   assert "fits" in out and "step time" in out and "XLA cost_analysis" in out
+
+
+def test_batch_and_shampoo_statistics_follow_custom_rules_on_8_devices():
+  """The rules are the one road to the mesh: moving act_batch / opt_stats moves both."""
+  result = run_subprocess(["-m", "tests.multihost_worker", "rules"],
+                          f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  default, custom = report["default"], report["custom"]
+  assert default["batch_specs"] == ["P(('data', 'fsdp'),)"]
+  assert default["batch_fraction"] == [1 / 8, 1 / 8]
+  assert custom["batch_specs"] == ["P('data',)"]
+  assert custom["batch_fraction"] == [1 / 4, 1 / 4]
+  assert default["num_stats"] == custom["num_stats"] > 0
+  assert all("'fsdp'" in spec for spec in default["stats_specs"]), default
+  assert default["stats_fraction"] == [1 / 2]
+  assert all("'data'" in spec and "fsdp" not in spec for spec in custom["stats_specs"]), custom
+  assert custom["stats_fraction"] == [1 / 4]

@@ -2,14 +2,14 @@
 
   python tools/export.py --workdir=DIR --output=OUT [--step=N]
 
-Load the result with `capjax.inference.load(OUT)` (or `load_exported`); the
+Load the result with `capjax.trained.load(OUT)` (or `load_exported`); the
 caption / evaluate / serve commands accept OUT wherever they take a workdir.
 """
 
 import argparse
 import sys
 
-from capjax import checkpoint, inference
+from capjax import checkpoint, trained
 
 
 def main(argv=None):
@@ -19,7 +19,7 @@ def main(argv=None):
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   args = parser.parse_args(argv)
   try:
-    step = inference.export(args.workdir, args.output, args.step)
+    step = trained.export(args.workdir, args.output, args.step)
   except (FileNotFoundError, FileExistsError, checkpoint.CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

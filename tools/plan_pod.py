@@ -21,8 +21,6 @@ import os
 import sys
 
 GIB = 2.0**30
-# The tokenizer's <mask> id (after pad, bos, eos, unk); ids do not change the plan.
-MASK_ID, PAD_ID = 4, 0
 
 
 def parse_args(argv):
@@ -45,59 +43,58 @@ def simulate_devices(n: int):
 
 def compile_plan(config, num_devices: int):
   """AOT-compiles init and train step; returns a dict of the numbers to report."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from capjax import flops, models, sharding, trainer  # pylint: disable=g-import-not-at-top
-  from capjax.optim import factory  # pylint: disable=g-import-not-at-top
+  from capjax import setup as setup_lib, sharding  # pylint: disable=g-import-not-at-top
+  from capjax.data import tokenizer  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == num_devices, jax.devices()
-  model, optimizer = models.from_config(config), factory.make_optimizer(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config)):
-    state_sh = trainer.state_shardings(model, optimizer, config, mesh)
-    init = jax.jit(trainer.make_init_fn(model, optimizer, config), out_shardings=state_sh)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  # Special ids do not change the plan: those of a tokenizer made by capjax.
+  run = setup_lib.assemble(config, tokenizer.SENTENCEPIECE_IDS)
+  with run.context():
+    init = run.init_fn()
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=sharding.replicated(run.mesh))
     init_compiled = init.lower(key).compile()
     abstract_state = jax.eval_shape(init, key)
-    state = sharding.with_shardings(abstract_state, state_sh)
-    b, s = config.train.batch_size, config.data.image_size
-    batch_sh = sharding.batch_sharding(mesh)
-    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
-             "tokens": jax.ShapeDtypeStruct((b, config.model.max_len + 1), jnp.int32,
-                                            sharding=batch_sh)}
-    step = trainer.jit_train_step(
-        trainer.make_train_step(model, optimizer, config, MASK_ID, PAD_ID), state_sh, mesh)
-    compiled = step.lower(state, batch).compile()
+    compiled = run.train_step.lower(run.abstract_state(), run.abstract_batch()).compile()
+  one_layer = setup_lib.assemble(one_layer_each(config), tokenizer.SENTENCEPIECE_IDS, run.mesh)
 
   mem, init_mem = compiled.memory_analysis(), init_compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state.params))
+  b = config.train.batch_size
   return {
-      "mesh": dict(mesh.shape), "batch_per_device": b / (mesh.shape["data"] * mesh.shape["fsdp"]),
+      "mesh": dict(run.mesh.shape), "batch_per_device": run.batch_sharding.shard_shape((b,))[0],
       "num_params": sum(x.size for x in jax.tree.leaves(abstract_state.params)),
       "params_total": param_bytes,
-      "params": sharding.bytes_per_device(abstract_state.params, state_sh.params),
-      "opt_state": sharding.bytes_per_device(abstract_state.opt_state, state_sh.opt_state),
+      "params": sharding.bytes_per_device(abstract_state.params, run.state_shardings.params),
+      "opt_state": sharding.bytes_per_device(abstract_state.opt_state,
+                                             run.state_shardings.opt_state),
       "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
       "aliased": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
       "code": mem.generated_code_size_in_bytes,
       "init_outputs": init_mem.output_size_in_bytes, "init_temp": init_mem.temp_size_in_bytes,
       "xla_flops_per_device": float(cost.get("flops", 0.0)),
-      "analytic_flops": b * flops.cappa_train_flops_per_example(config.model, s),
-      "analytic_flops_one_layer": b * flops.cappa_train_flops_per_example(
-          one_layer_each(config.model), s),
+      "analytic_flops": b * run.task.flops_per_example(),
+      "analytic_flops_one_layer": b * one_layer.task.flops_per_example(),
       "state_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)),
   }
 
 
-def one_layer_each(model_config):
-  """The model with one encoder and one decoder layer: what XLA sees of a scanned model."""
+def depth_keys(model_config) -> list[str]:
+  """The model's layer counts (`enc_depth`, `dec_depth`, ...): what nn.scan stacks."""
+  return sorted(k for k in model_config.keys() if k.endswith("depth"))
+
+
+def one_layer_each(config):
+  """The config with one layer in every stack: what XLA's cost analysis sees of a scanned
+  model."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  model = ml_collections.ConfigDict(model_config.to_dict())
-  model.enc_depth = model.dec_depth = 1
-  return model
+  one = ml_collections.ConfigDict(config.to_dict())
+  for key in depth_keys(one.model):
+    one.model[key] = 1
+  return one
 
 
 def peak_bytes(plan) -> int:
@@ -108,14 +105,14 @@ def peak_bytes(plan) -> int:
 def report(plan, config, args) -> list[str]:
   gib = lambda n: f"{n / GIB:8.3f} GiB"
   n, m = args.devices, config.model
+  depths = ", ".join(f"{k} {m[k]}" for k in depth_keys(m))
   xla_total = plan["xla_flops_per_device"] * n
   step_s = plan["analytic_flops"] / (n * args.peak_tflops * 1e12 * args.mfu)
   peak = peak_bytes(plan)
   return [
       f"config {args.config}: {plan['num_params'] / 1e6:.1f}M params "
-      f"({gib(plan['params_total']).strip()} f32), enc {m.enc_depth}x{m.width} / "
-      f"dec {m.dec_depth}, remat {m.remat_policy!r}, dtype {config.dtype}, "
-      f"optimizer {config.optimizer.name}",
+      f"({gib(plan['params_total']).strip()} f32), task {config.task}, {depths}, "
+      f"remat {m.remat_policy!r}, dtype {config.dtype}, optimizer {config.optimizer.name}",
       f"mesh {plan['mesh']} on {n} devices; global batch {config.train.batch_size}, "
       f"{plan['batch_per_device']:g} per data-parallel device",
       "",
@@ -132,13 +129,12 @@ def report(plan, config, args) -> list[str]:
       f"{gib(plan['init_temp']).strip()} (whole state: {gib(plan['state_total']).strip()})",
       "",
       "FLOPs per step",
-      f"  analytic (capjax/flops.py, 6 x matmul MACs) {plan['analytic_flops']:.4g}",
+      f"  analytic (the task's, 6 x matmul MACs)     {plan['analytic_flops']:.4g}",
       f"  XLA cost_analysis x {n} devices           {xla_total:.4g}  "
       f"({xla_total / plan['analytic_flops']:.2f} of analytic)",
-      f"  analytic, 1 encoder + 1 decoder layer      {plan['analytic_flops_one_layer']:.4g}",
+      f"  analytic, 1 layer in each stack            {plan['analytic_flops_one_layer']:.4g}",
       "  XLA counts each nn.scan body once, not once per layer, so its number misses",
-      f"  {m.enc_depth - 1} of {m.enc_depth} encoder and {m.dec_depth - 1} of {m.dec_depth} "
-      "decoder layers; it is near the 1-layer analytic count",
+      f"  all but one layer of each stack ({depths}); it is near the 1-layer analytic count",
       "  (plus remat recompute and non-matmul ops). MFU and step time use the analytic count.",
       "",
       f"v5e estimate at MFU {args.mfu:g} ({args.peak_tflops:g} TFLOP/s bf16 per chip, {n} chips)",

@@ -30,7 +30,7 @@ def main(argv):
         args.model_type or config.tokenizer.model_type)
   except (config_lib.ConfigError, pipeline.DataNotFoundError) as e:
     sys.exit(f"error: {e}")
-  print(f"wrote {args.output}: {tok.vocab_size} pieces, mask id {tok.mask_id}")
+  print(f"wrote {args.output}: {tok.vocab_size} pieces, special ids {tok.special}")
 
 
 if __name__ == "__main__":

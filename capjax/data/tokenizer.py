@@ -1,5 +1,10 @@
-"""SentencePiece tokenizer with PAD/BOS/EOS and the MASK id used by parallel prediction."""
+"""SentencePiece tokenizer with PAD/BOS/EOS and the MASK id used by parallel prediction.
 
+A tokenizer carries its special ids (`Tokenizer.special`); losses and decoding take them
+from there, never from module constants, so a GPT-2 or Llama vocabulary can stand in.
+"""
+
+import dataclasses
 import io
 import re
 from typing import Iterable
@@ -10,9 +15,22 @@ import sentencepiece as spm
 
 from capjax.config import ConfigError
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # what `train` asks sentencepiece for
 MASK_PIECE = "<mask>"
 MODEL_TYPES = ("word", "char", "unigram", "bpe")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  pad: int
+  bos: int
+  eos: int
+  mask: int
+
+
+# The ids a tokenizer made by `train` has (<mask> is the first user-defined piece, after unk):
+# what abstract runs (tools/plan_pod.py, bench/) use, where no tokenizer exists.
+SENTENCEPIECE_IDS = SpecialIds(pad=PAD_ID, bos=BOS_ID, eos=EOS_ID, mask=UNK_ID + 1)
 
 
 def train(captions: Iterable[str], path: str, vocab_size: int, model_type: str = "unigram"):
@@ -58,8 +76,9 @@ class Tokenizer:
       raise FileNotFoundError(f"No tokenizer model at {path}; train one with tools/train_tokenizer.py.")
     self.path = path
     self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
-    self.mask_id = self.sp.piece_to_id(MASK_PIECE)
-    self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+    self.special = SpecialIds(pad=self.sp.pad_id(), bos=self.sp.bos_id(), eos=self.sp.eos_id(),
+                              mask=self.sp.piece_to_id(MASK_PIECE))
+    self.unk_id = self.sp.unk_id()
 
   @property
   def vocab_size(self) -> int:
@@ -68,8 +87,8 @@ class Tokenizer:
   def encode(self, caption: str, max_len: int) -> np.ndarray:
     """int32[max_len + 1]; captions longer than max_len - 1 tokens are truncated."""
     ids = self.sp.encode(caption)[:max_len - 1]
-    tokens = np.full(max_len + 1, PAD_ID, np.int32)
-    tokens[:len(ids) + 2] = [BOS_ID, *ids, EOS_ID]
+    tokens = np.full(max_len + 1, self.special.pad, np.int32)
+    tokens[:len(ids) + 2] = [self.special.bos, *ids, self.special.eos]
     return tokens
 
   def decode(self, ids) -> str:
@@ -78,10 +97,10 @@ class Tokenizer:
     Ids past the vocabulary (a model's `vocab_size` may exceed the tokenizer's,
     and an untrained model emits any id) decode as UNK.
     """
-    out = []
+    out, sp = [], self.special
     for i in np.asarray(ids).tolist():
-      if i == EOS_ID:
+      if i == sp.eos:
         break
-      if i not in (PAD_ID, BOS_ID, self.mask_id):
-        out.append(i if 0 <= i < self.vocab_size else UNK_ID)
+      if i not in (sp.pad, sp.bos, sp.mask):
+        out.append(i if 0 <= i < self.vocab_size else self.unk_id)
     return self.sp.decode(out)

@@ -1,7 +1,7 @@
 """Pure image and caption transforms on numpy arrays (no tokenization here).
 
-Images are uint8[H, W, 3] in, uint8[size, size, 3] out, except `normalize`,
-which returns float32. Random transforms take an explicit `np.random.Generator`
+Images are uint8[H, W, 3] in, uint8[size, size, 3] out (scaling to floats happens on
+device, in the task: `capjax.tasks.base.normalize_images`). Random transforms take an explicit `np.random.Generator`
 so that a pipeline can seed them per example and stay reproducible.
 No horizontal flip: captions say "left" and "right".
 """
@@ -14,13 +14,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# big_vision's value_range(-1, 1).
-MINUS_ONE_TO_ONE_MEAN = (0.5, 0.5, 0.5)
-MINUS_ONE_TO_ONE_STD = (0.5, 0.5, 0.5)
 
 _RESAMPLE = Image.Resampling.BICUBIC
 
@@ -133,15 +126,6 @@ def to_square(image_HxWx3: np.ndarray, size: int, mode: str = "center_crop",
   if mode == "letterbox":
     return letterbox(image_HxWx3, size)
   return resize_center_crop(image_HxWx3, size)
-
-
-def normalize(image_HxWx3: np.ndarray,
-              mean: Sequence[float] = MINUS_ONE_TO_ONE_MEAN,
-              std: Sequence[float] = MINUS_ONE_TO_ONE_STD) -> np.ndarray:
-  """uint8 [0, 255] -> float32 `(x / 255 - mean) / std`, per channel."""
-  mean = np.asarray(mean, dtype=np.float32)
-  std = np.asarray(std, dtype=np.float32)
-  return (image_HxWx3.astype(np.float32) / 255.0 - mean) / std
 
 
 def choose_caption(captions: Sequence[str], rng: np.random.Generator) -> str:

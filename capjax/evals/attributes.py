@@ -7,16 +7,15 @@ correctly; see `capjax.data.synthetic.score_caption`.
 
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
-from capjax import decode, evals, trainer
+from capjax import evals
 from capjax.data import pipeline, synthetic
 
 
-def greedy_captions(trained, images_uint8) -> list[str]:
-  images = trainer.normalize_images(jnp.asarray(images_uint8), jnp.dtype(trained.config.dtype))
-  out = decode.greedy(trained.model, trained.params, images, max_len=trained.config.model.max_len)
+def generated_captions(trained, images_uint8) -> list[str]:
+  """The task's `generate` predict function (greedy for CapPa), decoded to text."""
+  out = trained.predict_fns()["generate"](trained.params, images_uint8)
   return [trained.tokenizer.decode(o) for o in np.asarray(out)]
 
 
@@ -28,7 +27,7 @@ def attribute_accuracy(trained, split: str = "test", num_examples: int = 256, sh
   generated, attributes, truths = [], [], []
   for batch in pipeline.eval_batches(trained.config, trained.tokenizer, split, num_examples,
                                      batch_size):
-    generated += greedy_captions(trained, batch["image"])
+    generated += generated_captions(trained, batch["image"])
     attributes += [r["attributes"] for r in batch["records"]]
     truths += [r["captions"][0] for r in batch["records"]]
   for g, t in list(zip(generated, truths))[:show]:

@@ -47,6 +47,6 @@ def from_config(config: ml_collections.ConfigDict) -> CapPa:
   return CapPa(
       vocab_size=m.vocab_size, max_len=m.max_len, patch_size=m.patch_size, width=m.width,
       enc_depth=m.enc_depth, dec_depth=m.dec_depth, mlp_dim=m.mlp_dim, num_heads=m.num_heads,
-      num_registers=m.num_registers, dec_width=m.get("dec_width"),
-      dec_mlp_dim=m.get("dec_mlp_dim"), remat_policy=m.remat_policy,
-      dtype=jnp.dtype(config.dtype), scan_unroll=m.get("scan_unroll", 1))
+      num_registers=m.num_registers, dec_width=m.dec_width or None,
+      dec_mlp_dim=m.dec_mlp_dim or None, remat_policy=m.remat_policy,
+      dtype=jnp.dtype(config.dtype), scan_unroll=m.scan_unroll)

@@ -12,7 +12,8 @@ clipped to `train.grad_clip_norm` (0: off) before the optimizer sees them.
 
 from typing import Any, Callable, NamedTuple, Optional
 
-import flax.linen as nn
+import jax
+from jax.sharding import PartitionSpec
 import optax
 
 from capjax.optim import schedules
@@ -111,23 +112,25 @@ def optimizer_args(opt_config) -> dict:
   return {k: opt_config.get(k, default) for k, default in entry.defaults.items()}
 
 
-def model_param_axes(config) -> Any:
-  """Logical axis names of the params of the model `config` describes (no allocation)."""
-  # Imported here: the optimizers themselves know nothing of models.
-  from capjax import models, trainer  # pylint: disable=g-import-not-at-top
-  return nn.get_partition_spec(trainer.abstract_params(models.from_config(config), config))
-
-
-def make_optimizer(config, param_axes: Optional[Any] = None) -> optax.GradientTransformation:
+def make_optimizer(config, param_axes: Optional[Any] = None,
+                   trainable: Optional[Any] = None) -> optax.GradientTransformation:
   """The optimizer `config.optimizer` names, with `config.schedule` and gradient clipping.
 
-  `param_axes`: the params' logical axis names (`nn.get_partition_spec` of the boxed params).
-  Shampoo needs them to precondition `nn.scan`-stacked params layer by layer; when not given,
-  they are derived from `config.model` (an abstract init, a second or so for large models).
+  `param_axes`: the params' logical axis names (`nn.get_partition_spec` of the boxed params);
+  Shampoo needs them to precondition `nn.scan`-stacked params layer by layer.
+  `trainable`: bools with the params' structure, False for frozen params: those get
+  `optax.set_to_zero` and no optimizer state at all, and are left out of the clipping norm.
   """
   entry, args = _lookup(config.optimizer.name), optimizer_args(config.optimizer)
   if entry.needs_param_axes and param_axes is None:
-    param_axes = model_param_axes(config)
+    raise ValueError(f"optimizer.name={config.optimizer.name!r} needs the params' logical axes.")
+  if trainable is not None and param_axes is not None:
+    param_axes = jax.tree.map(lambda axes, t: axes if t else optax.MaskedNode(), param_axes,
+                              trainable, is_leaf=lambda x: isinstance(x, PartitionSpec))
   tx = entry.build(args, schedules.get_schedule(config), param_axes)
-  clip = config.train.get("grad_clip_norm", 0.0)
-  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+  clip = config.train.grad_clip_norm
+  tx = optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+  if trainable is None:
+    return tx
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

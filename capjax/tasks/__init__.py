@@ -1,0 +1,35 @@
+"""Tasks: everything a model family asks of the framework (see `base.Task`).
+
+`config.task` names one; `get(config, special_ids)` builds it. A new family is a file that
+defines a `Task` subclass decorated with `@register("name")`: the loop, the assembly
+(`capjax/setup.py`), checkpoints and evals need no edit.
+"""
+
+from capjax.config import ConfigError
+from capjax.tasks.base import Task
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register(name: str):
+  def wrap(cls: type[Task]) -> type[Task]:
+    _TASKS[name] = cls
+    return cls
+  return wrap
+
+
+def _import_builtin():
+  from capjax.tasks import cappa  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+
+def names() -> list[str]:
+  _import_builtin()
+  return sorted(_TASKS)
+
+
+def get(config, special_ids) -> Task:
+  """The task `config.task` names, built for `config` and the tokenizer's special ids."""
+  _import_builtin()
+  if config.task not in _TASKS:
+    raise ConfigError(f"Unknown task={config.task!r}; expected one of {sorted(_TASKS)}.")
+  return _TASKS[config.task](config, special_ids)

@@ -1,0 +1,70 @@
+"""What a model family gives the framework: its module, inputs, losses, FLOPs, trainable
+params and predict functions.
+
+The train step (`capjax/trainer.py`) calls only `train_loss`; validation only `eval_loss`;
+the assembly (`capjax/setup.py`) only `init_params`, `batch_spec`, `trainable` and
+`flops_per_example`; evaluators only `predict_fns()` (as big_vision's evaluators consume a
+family's predict functions and nothing else). Params are a plain pytree; batches are dicts of
+arrays whose keys and shapes `batch_spec` states.
+"""
+
+import abc
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def normalize_images(images_uint8, dtype):
+  """uint8 [0, 255] -> dtype [-1, 1], on device."""
+  return (images_uint8.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
+
+
+class Task(abc.ABC):
+  """One model family. Subclasses implement the abstract methods; `self.model` is built once."""
+
+  def __init__(self, config, special_ids):
+    self.config = config
+    self.special = special_ids  # tokenizer.SpecialIds: pad, bos, eos, mask
+    self.dtype = jnp.dtype(config.dtype)
+    self.model = self.build_model()
+
+  @abc.abstractmethod
+  def build_model(self) -> nn.Module:
+    """The Flax module, from `self.config`."""
+
+  @abc.abstractmethod
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a training batch, as the input pipeline yields it."""
+
+  @abc.abstractmethod
+  def init_inputs(self) -> tuple:
+    """Example inputs for `model.init` (batch of one)."""
+
+  @abc.abstractmethod
+  def train_loss(self, params, batch: dict, rng) -> tuple[jax.Array, dict]:
+    """(scalar float32 loss, {name: scalar} logged as train/<name})."""
+
+  @abc.abstractmethod
+  def eval_loss(self, params, batch: dict) -> jax.Array:
+    """The scalar validation loss (deterministic)."""
+
+  @abc.abstractmethod
+  def flops_per_example(self) -> float:
+    """Analytic training FLOPs (forward + backward) of one example: MFU and the pod plan."""
+
+  def init_params(self, rng):
+    """Boxed params (carrying logical axis names)."""
+    return self.model.init(rng, *self.init_inputs())["params"]
+
+  def trainable(self, params) -> Any:
+    """Bools with `params`' structure: False for frozen params (no optimizer state, no update).
+    None: everything trains."""
+    del params
+    return None
+
+  def predict_fns(self) -> dict[str, Callable]:
+    """Functions of (params, ...) the evaluators use, e.g. "encode_images", "score_captions",
+    "generate"; each is jitted by the task."""
+    return {}
