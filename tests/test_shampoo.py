@@ -74,8 +74,8 @@ def _loss(params, targets, x_BxD):
     return jnp.mean((x @ w - x @ t) ** 2)
   p, t = params, targets
   loss = lsq(p["e"].T, x_BxD[:, :4], t["e"].T)
-  for l in range(p["h"].shape[0]):
-    loss += lsq(p["h"][l], x_BxD[:, 20 + l:40 + l], t["h"][l])
+  for i in range(p["h"].shape[0]):
+    loss += lsq(p["h"][i], x_BxD[:, 20 + i:40 + i], t["h"][i])
   if "c" in p:
     loss += lsq(p["c"].reshape(24, 10), x_BxD[:, :24], t["c"].reshape(24, 10))
   return loss + jnp.mean((jnp.tanh(p["b"]) - t["b"]) ** 2) + (p["scale"] - 1.0) ** 2
@@ -84,13 +84,13 @@ def _loss(params, targets, x_BxD):
 def _split(params):
   """The stacked param as independent layers, as the reference sees them."""
   out = {k: v for k, v in params.items() if k != "h"}
-  out.update({f"h_{l}": h for l, h in enumerate(params["h"])})
+  out.update({f"h_{i}": h for i, h in enumerate(params["h"])})
   return out
 
 
 def _unsplit(params):
   out = {k: v for k, v in params.items() if not k.startswith("h_")}
-  out["h"] = jnp.stack([params[f"h_{l}"] for l in range(SHAPES["h"][0])])
+  out["h"] = jnp.stack([params[f"h_{i}"] for i in range(SHAPES["h"][0])])
   return out
 
 
@@ -163,7 +163,7 @@ def test_stacked_param_equals_independent_layers():
   stacked = shampoo(stacked_leading_axis={"s": True}, **kwargs)
   layers = shampoo(**kwargs)
   params = {"s": 0.1 * jax.random.normal(jax.random.PRNGKey(0), (3, 16, 20))}
-  split = lambda tree: {f"s{l}": v for l, v in enumerate(tree["s"])}
+  split = lambda tree: {f"s{i}": v for i, v in enumerate(tree["s"])}
   s_stacked, s_layers = stacked.init(params), layers.init(split(params))
   update_stacked, update_layers = (jax.jit(opt.update, compiler_options=FAST_COMPILE)
                                    for opt in (stacked, layers))
@@ -171,8 +171,8 @@ def test_stacked_param_equals_independent_layers():
     grads = {"s": jax.random.normal(jax.random.PRNGKey(10 + i), (3, 16, 20))}
     u_stacked, s_stacked = update_stacked(grads, s_stacked, params)
     u_layers, s_layers = update_layers(split(grads), s_layers, split(params))
-    for l in range(3):
-      np.testing.assert_allclose(u_stacked["s"][l], u_layers[f"s{l}"],
+    for layer in range(3):
+      np.testing.assert_allclose(u_stacked["s"][layer], u_layers[f"s{layer}"],
                                  rtol=1e-6, atol=1e-7, err_msg=f"step {i}")
   blocks = s_layers.stats["s0"].statistics.shape[0]
   assert s_stacked.stats["s"].statistics.shape == (3 * blocks, 16, 16)
