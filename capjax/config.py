@@ -15,9 +15,11 @@ class ConfigError(ValueError):
 
 
 def resolve_path(name_or_path: str) -> Path:
+  """A file path (`*.py`, or any existing file) or a preset name. A directory named like a
+  preset (e.g. a workdir `shapes_tiny/`) is not a config file: the preset is meant."""
   path = Path(name_or_path)
-  if path.suffix == ".py" or path.exists():
-    if not path.exists():
+  if path.suffix == ".py" or path.is_file():
+    if not path.is_file():
       raise ConfigError(f"Config file not found: {path}")
     return path
   path = CONFIG_DIR / f"{name_or_path}.py"
@@ -97,11 +99,62 @@ def split_override(arg: str) -> tuple[str, str]:
 
 
 def load(name_or_path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """The preset with its overrides, validated (a `ConfigError` names the first bad key)."""
   config = load_preset(name_or_path)
   for arg in overrides:
     apply_override(config, *split_override(arg))
+  validate(config)
   config.lock()
   return config
+
+
+# Keys with a range, (low, high) inclusive, None for unbounded. Checked at load time, before
+# anything is compiled or written; a task adds its own checks (`Task.check_config`).
+RANGES = {
+    "seed": (0, None), "train.num_steps": (1, None), "train.batch_size": (1, None),
+    "train.log_every": (1, None), "train.grad_clip_norm": (0, None),
+    "train.max_consecutive_skips": (0, None), "eval.every": (0, None),
+    "eval.num_examples": (1, None), "eval.batch_size": (1, None), "eval.num_captions": (0, None),
+    "checkpoint.every": (0, None), "checkpoint.keep": (0, None), "checkpoint.keep_period": (0, None),
+    "data.image_size": (1, None), "data.num_threads": (1, None), "data.prefetch": (0, None),
+    "data.num_workers": (0, None), "data.max_image_pixels": (1, None), "data.timeout_s": (1, None),
+    "tokenizer.vocab_size": (8, None), "schedule.peak_lr": (0, None),
+    "schedule.warmup_steps": (0, None), "schedule.end_lr_fraction": (0, 1),
+    "optimizer.b1": (0, 1), "optimizer.b2": (0, 1), "optimizer.eps": (0, None),
+    "optimizer.weight_decay": (0, None),
+}
+MESH_KEYS = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_range(key: str, value, low=None, high=None):
+  """A `ConfigError` naming key, value and range when `value` is outside [low, high]."""
+  if (low is not None and value < low) or (high is not None and value > high):
+    expected = (f"in [{low}, {high}]" if low is not None and high is not None
+                else f">= {low}" if low is not None else f"<= {high}")
+    raise ConfigError(f"{key}={value!r} is out of range: expected {expected}.")
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Range checks of the generic keys, then the task's own (`Task.check_config`)."""
+  for key, (low, high) in RANGES.items():
+    value = _get(config, key)
+    if value is not None and not isinstance(value, bool):
+      check_range(key, value, low, high)
+  for key in MESH_KEYS:
+    value = _get(config, key)
+    if value is not None and value != -1 and value < 1:
+      raise ConfigError(f"{key}={value!r} is out of range: expected -1 (the rest) or >= 1.")
+  from capjax import tasks  # pylint: disable=g-import-not-at-top  # tasks import this module
+  tasks.check_config(config)
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
@@ -147,13 +200,15 @@ def base() -> ml_collections.ConfigDict:
       lowercase=False, strip_punctuation=False,  # caption cleaning before tokenization
       max_image_pixels=89_478_485,  # decompression-bomb guard (PIL's default)
       shards_format="array_record",  # shards: array_record | tfds
+      timeout_s=600,  # no training batch for this long: a one-line error naming the skips
       restval_to_train=True, karpathy_json="")  # coco
   c.tokenizer = dict(path="", model_type="unigram", vocab_size=32_000)
   c.objective = dict(masked_pred_prob=0.75)
   c.train = dict(num_steps=1000, batch_size=64, log_every=50, grad_clip_norm=1.0,
                  nonfinite="skip",  # skip|stop
                  inject_nan_at_step=-1, inject_nan_steps=1,  # fault injection (tests); -1: off
-                 max_consecutive_skips=100)  # skip mode stops after this many in a row; 0: never
+                 max_consecutive_skips=100,  # skip mode stops after this many in a row; 0: never
+                 allow_restart=False)  # start from step 0 over an earlier run's files
   c.eval = dict(every=500, num_examples=256, batch_size=64, num_captions=4)
   c.checkpoint = dict(every=500, keep=3, keep_period=0)  # also keep every keep_period-th; 0: off
   c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from capjax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = "act_batch"  # logical name of the batch dim, of activations and input batches alike
 OPT_STATS = "opt_stats"  # logical name for optimizer-state leaves that mirror no param
@@ -26,16 +28,28 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor); one entry may be -1, meaning 'the rest of the devices'."""
   sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"At most one of mesh.data/fsdp/tensor may be -1, got {sizes}.")
+    raise ConfigError(f"At most one of mesh.data/fsdp/tensor may be -1, got {sizes}.")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"Mesh {sizes} does not divide {num_devices} devices.")
+      raise ConfigError(f"Mesh {sizes} (mesh.data/fsdp/tensor) does not divide the "
+                        f"{num_devices} devices.")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"Mesh data*fsdp*tensor={sizes} needs {math.prod(sizes)} devices, "
-                     f"found {num_devices}.")
+    raise ConfigError(f"Mesh data*fsdp*tensor={sizes} needs {math.prod(sizes)} devices, "
+                      f"found {num_devices}.")
   return tuple(sizes)
+
+
+def check_devices(config, num_devices: int):
+  """The mesh fits `num_devices` and the global batch splits evenly over the batch axes."""
+  shape = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
+  axes = mesh_axes(rules_from_config(config), BATCH)
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  ways = math.prod(shape[name] for name in names)
+  if config.train.batch_size % ways:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} does not split over the "
+                      f"{ways} devices of the batch axes {names} (mesh {shape}).")
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:

@@ -29,6 +29,10 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
+class StopWhileWaiting(RuntimeError):
+  """A stop signal arrived while the loop waited for its next batch."""
+
+
 def _preemption_service_running() -> bool:
   """Whether `jax.distributed.initialize` started the preemption service (its SIGTERM hook)."""
   try:

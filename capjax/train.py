@@ -4,10 +4,15 @@ Trains, logs to DIR/metrics.jsonl (+ wandb, offline by default), evaluates and
 checkpoints periodically. Rerunning the same command resumes exactly from the
 newest complete checkpoint in DIR/checkpoints (params, optimizer state, step,
 data position). SIGTERM or Ctrl-C: the current step finishes, a checkpoint is
-saved, and the run exits (0 after SIGTERM, 130 after Ctrl-C).
+saved, and the run exits (143 after SIGTERM before train.num_steps, 130 after Ctrl-C;
+0 only when train.num_steps is reached). Exit 2: a config, data, tokenizer or workdir-lock
+error (one line); exit 1: a non-finite step in train.nonfinite=stop mode.
 """
 
 import argparse
+import collections
+import concurrent.futures
+import contextlib
 import logging
 import os
 import sys
@@ -18,7 +23,7 @@ import numpy as np
 import optax
 
 from capjax import checkpoint, config as config_lib, flops, metrics_log, setup as setup_lib
-from capjax import stopping, workdir as workdir_lib
+from capjax import sharding, stopping, workdir as workdir_lib
 from capjax.data import pipeline, tokenizer as tokenizer_lib
 
 
@@ -50,7 +55,7 @@ def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
     multihost_utils.sync_global_devices("tokenizer")
   tok = tokenizer_lib.Tokenizer(path)
   if tok.vocab_size > config.model.vocab_size:
-    raise ValueError(f"Tokenizer has {tok.vocab_size} pieces but model.vocab_size="
+    raise config_lib.ConfigError(f"Tokenizer has {tok.vocab_size} pieces but model.vocab_size="
                      f"{config.model.vocab_size}; raise model.vocab_size.")
   return tok
 
@@ -99,22 +104,72 @@ def check_nonfinite(nonfinite, config, writer, ckpt):
                  f"{nonfinite.skipped} skipped in this run so far")
 
 
+# The loop waits for step N-2's outputs before dispatching step N: the device always has the
+# next step queued, and a stop request is acted on within about two steps of its arrival.
+MAX_STEPS_IN_FLIGHT = 2
+EXIT_STOPPED = 143  # stopped by SIGTERM before train.num_steps, checkpoint saved (128 + 15)
+
+
+def check_restart(config, workdir, restored_step):
+  """Refuses to start from step 0 over an earlier run's checkpoints or metrics."""
+  if restored_step is not None or config.train.allow_restart:
+    return
+  ckpt_dir, metrics = workdir_lib.checkpoints(workdir), workdir_lib.metrics(workdir)
+  leftovers = [str(p) for p in (ckpt_dir, metrics)
+               if p.exists() and (p.is_file() and p.stat().length or
+                                  p.is_dir() and any(p.iterdir()))]
+  if leftovers:
+    raise config_lib.ConfigError(
+        f"{workdir} holds an earlier run ({', '.join(leftovers)}) but no checkpoint to resume "
+        "from; set --config.train.allow_restart=True to start over from step 0 (its metrics are "
+        "replaced), or use a new --workdir.")
+
+
+def next_batch(fetch, stop, dataset, timeout_s: float) -> dict:
+  """The next batch from `fetch` (a single-thread executor's `submit(next, iterator)`), polled
+  so that a stop signal is honoured and a pipeline that yields nothing fails in bounded time."""
+  future, waited = fetch(), 0.0
+  while True:
+    try:
+      return future.result(timeout=1.0)
+    except concurrent.futures.TimeoutError:
+      waited += 1.0
+    if stop.signal_name is not None:
+      raise stopping.StopWhileWaiting(f"received {stop.signal_name} while waiting for data")
+    if waited >= timeout_s:
+      skips = pipeline.skip_metrics(dataset)
+      raise pipeline.DataNotFoundError(
+          f"no training batch came out of the input pipeline in {waited:.0f} s "
+          f"(data.timeout_s); skipped so far: {skips or 'nothing'}.")
+
+
 def train(config, workdir: str):
-  """Trains to `train.num_steps`, resuming from DIR/checkpoints; returns (state, stop signal)."""
+  """Trains to `train.num_steps`, resuming from DIR/checkpoints; returns (state, stop signal).
+
+  Holds DIR's lock while it runs: a second trainer on the same workdir is refused."""
   if config.train.nonfinite not in ("skip", "stop"):
     raise config_lib.ConfigError(
         f"train.nonfinite must be 'skip' or 'stop', got {config.train.nonfinite!r}")
-  stop = stopping.StopRequest()  # early: a SIGTERM during start-up still gets a clean stop
+  sharding.check_devices(config, jax.device_count())  # before the workdir is written to
+  # The stop handlers go in early: a SIGTERM during start-up still gets a clean stop.
+  with workdir_lib.lock(workdir), contextlib.closing(stopping.StopRequest()) as stop:
+    return _train(config, workdir, stop)
+
+
+def _train(config, workdir: str, stop: stopping.StopRequest):
   tok = ensure_tokenizer(config, workdir)
   run = setup_lib.assemble(config, tok.special)
   ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), config.checkpoint.every,
                                  config.checkpoint.keep, config.checkpoint.keep_period)
   dataset = pipeline.train_dataset(config, tok.path, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
+  fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="capjax-data")
+  fetch = lambda: fetcher.submit(next, data_iter)
   writer = None
   try:
     with run.context():
       state, meta, restored_step = restore_or_init(ckpt, run, data_iter)
+      check_restart(config, workdir, restored_step)
       step = int(state.step)
       nonfinite = stopping.NonfiniteSteps(meta.get("skipped_steps", 0))
       param_norm = jax.jit(optax.tree.norm)  # at log steps only: a pass over all params
@@ -127,12 +182,16 @@ def train(config, workdir: str):
       writer.message(f"{jax.device_count()} devices, mesh {dict(run.mesh.shape)}, "
                      f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
       window_start, window_steps = time.perf_counter(), 0
+      in_flight = collections.deque()
       while step < config.train.num_steps:
-        batch = run.global_batch(next(data_iter))
+        batch = run.global_batch(next_batch(fetch, stop, dataset, config.data.timeout_s))
         state, metrics = run.train_step(state, batch)
         step += 1
         window_steps += 1
         nonfinite.add(step, metrics["train/nonfinite"])
+        in_flight.append(metrics["train/nonfinite"])
+        if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+          in_flight.popleft().block_until_ready()
         log_step = step % config.train.log_every == 0 or step == config.train.num_steps
         if log_step:
           # The host syncs here, once per log_every steps.
@@ -166,7 +225,7 @@ def train(config, workdir: str):
                          f"{ckpt.directory / str(step)}")
           break
   finally:
-    stop.close()
+    fetcher.shutdown(wait=False, cancel_futures=True)
     ckpt.close()  # waits for a save in flight: a finished step is never lost
     if writer is not None:
       writer.close()
@@ -183,16 +242,22 @@ def main(argv=None):
     sys.exit(2)
   initialize_distributed(args)
   try:
-    _, stopped_by = train(config, args.workdir)
+    state, stopped_by = train(config, args.workdir)
   except (config_lib.ConfigError, checkpoint.CheckpointMismatchError,
-          checkpoint.NoUsableCheckpointError, pipeline.DataNotFoundError) as e:
+          checkpoint.NoUsableCheckpointError, pipeline.DataNotFoundError,
+          tokenizer_lib.TokenizerError, workdir_lib.WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except stopping.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except stopping.StopWhileWaiting as e:
+    print(f"error: {e}; nothing saved since the last checkpoint", file=sys.stderr)
+    sys.exit(EXIT_STOPPED)
   if stopped_by == "SIGINT":
     sys.exit(130)  # the shell convention for Ctrl-C; the checkpoint is saved all the same
+  if stopped_by and int(state.step) < config.train.num_steps:
+    sys.exit(EXIT_STOPPED)  # saved, not finished: schedulers must not take it for done
 
 
 if __name__ == "__main__":

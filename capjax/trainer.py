@@ -46,6 +46,11 @@ def freeze(params, trainable):
   return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
 
+def all_finite(tree) -> jax.Array:
+  """True when every element of every leaf is finite (one fused pass, no host sync)."""
+  return jax.tree.reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)), tree, jnp.bool_(True))
+
+
 def make_train_step(task, optimizer, config, trainable=None):
   """(state, batch) -> (state, metrics). The step's RNG is derived from seed and step.
 
@@ -69,9 +74,11 @@ def make_train_step(task, optimizer, config, trainable=None):
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient leaves params and optimizer state as they were; the
+    # A non-finite loss, gradient or update (e.g. an overflowing learning rate) leaves params
+    # and optimizer state as they were: nothing non-finite is ever committed or saved. The
     # step still advances (the batch is consumed). train.py skips or stops on the flag.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+              & all_finite(opt_state))
     only_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = only_if_finite(params, state.params)
     opt_state = only_if_finite(opt_state, state.opt_state)

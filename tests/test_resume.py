@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from capjax import train
 from tests import train_cli
 
 NUM_STEPS = 60  # long enough that a kill after the first checkpoint lands mid-run
@@ -80,7 +81,7 @@ def test_model_size_mismatch_is_a_one_line_error(reference, tmp_path):
 
 
 @pytest.mark.parametrize("sig, code", [
-    (signal.SIGTERM, 0), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+    (signal.SIGTERM, train.EXIT_STOPPED), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
     ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_a_checkpoint_at_the_step_reached(tmp_path, sig, code):
   workdir, log = str(tmp_path / "run"), tmp_path / "run.log"
@@ -177,7 +178,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host only
   finally:
     codes = wait_all(procs)
-  assert codes == [0, 0]
+  assert codes == [train.EXIT_STOPPED] * 2  # saved, not finished
   log = (tmp_path / "first_0.log").read_text()
   found = re.search(r"received SIGTERM at step (\d+); saved checkpoint", log)
   assert found, log[-3000:]

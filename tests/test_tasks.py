@@ -90,6 +90,7 @@ def bitwise_equal(a, b) -> bool:
       x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(leaves_a, leaves_b))
 
 
+@pytest.mark.slow
 def test_a_family_defined_in_a_test_trains_checkpoints_and_resumes_exactly(tmp_path):
   config = config_for("one_layer_test", **{"train.num_steps": 6, "checkpoint.every": 3,
                                            "checkpoint.keep": 0})
@@ -108,6 +109,7 @@ def test_a_family_defined_in_a_test_trains_checkpoints_and_resumes_exactly(tmp_p
   assert bitwise_equal(host(state), straight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
 def test_frozen_params_stay_bitwise_and_hold_no_optimizer_state(tmp_path, optimizer):
   config = config_for("one_layer_frozen_image_test", **{
@@ -152,6 +154,7 @@ def trained_cappa(tmp_path_factory):
   return str(workdir)
 
 
+@pytest.mark.slow
 def test_greedy_tokens_are_the_argmax_of_their_own_teacher_forced_logits(trained_cappa):
   trained = trained_lib.load(trained_cappa)
   task, special = trained.task, trained.tokenizer.special
@@ -182,6 +185,7 @@ def test_greedy_tokens_are_the_argmax_of_their_own_teacher_forced_logits(trained
                 > np.asarray(scores(trained.params, images_Bx, swapped)))
 
 
+@pytest.mark.slow
 def test_attribute_eval_command_on_a_trained_model(trained_cappa, capsys):
   evaluate.main([f"--workdir={trained_cappa}", "--eval=attributes", "--num_examples=32",
                  "--show=2"])

@@ -6,6 +6,7 @@ from there, never from module constants, so a GPT-2 or Llama vocabulary can stan
 
 import dataclasses
 import io
+import os
 import re
 from typing import Iterable
 
@@ -64,8 +65,15 @@ def train(captions: Iterable[str], path: str, vocab_size: int, model_type: str =
         "distinct character plus the special ones).") from None
   path = epath.Path(path)  # a local path or gs://
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(model.getvalue())
+  # Written whole, then renamed: a crash mid-write never leaves a half tokenizer behind.
+  partial = path.parent / f"{path.name}.partial-{os.getpid()}"
+  partial.write_bytes(model.getvalue())
+  partial.rename(path)
   return Tokenizer(str(path))
+
+
+class TokenizerError(ValueError):
+  """A tokenizer file that is missing, empty or not a sentencepiece model (one line)."""
 
 
 class Tokenizer:
@@ -75,7 +83,16 @@ class Tokenizer:
     if not epath.Path(path).exists():
       raise FileNotFoundError(f"No tokenizer model at {path}; train one with tools/train_tokenizer.py.")
     self.path = path
-    self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
+    proto = epath.Path(path).read_bytes()
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=proto) if proto else None
+    except RuntimeError:
+      self.sp = None
+    if self.sp is None:
+      reason = "the file is empty" if not proto else f"{len(proto)} bytes that do not parse"
+      raise TokenizerError(
+          f"Tokenizer file {path} is not a sentencepiece model ({reason}); delete it to train a "
+          "new one, or point tokenizer.path at a good one.")
     self.special = SpecialIds(pad=self.sp.pad_id(), bos=self.sp.bos_id(), eos=self.sp.eos_id(),
                               mask=self.sp.piece_to_id(MASK_PIECE))
     self.unk_id = self.sp.unk_id()

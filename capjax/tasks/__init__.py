@@ -27,9 +27,18 @@ def names() -> list[str]:
   return sorted(_TASKS)
 
 
+def _lookup(name: str) -> type[Task]:
+  _import_builtin()
+  if name not in _TASKS:
+    raise ConfigError(f"Unknown task={name!r}; expected one of {sorted(_TASKS)}.")
+  return _TASKS[name]
+
+
+def check_config(config):
+  """The task's own config checks (`Task.check_config`); a `ConfigError` names the key."""
+  _lookup(config.task).check_config(config)
+
+
 def get(config, special_ids) -> Task:
   """The task `config.task` names, built for `config` and the tokenizer's special ids."""
-  _import_builtin()
-  if config.task not in _TASKS:
-    raise ConfigError(f"Unknown task={config.task!r}; expected one of {sorted(_TASKS)}.")
-  return _TASKS[config.task](config, special_ids)
+  return _lookup(config.task)(config, special_ids)

@@ -54,6 +54,12 @@ class Task(abc.ABC):
   def flops_per_example(self) -> float:
     """Analytic training FLOPs (forward + backward) of one example: MFU and the pod plan."""
 
+  @classmethod
+  def check_config(cls, config):
+    """Raises `config.ConfigError` (one line naming the key) for values this family cannot
+    train with; runs at config load time, before anything is compiled or written."""
+    del config
+
   def init_params(self, rng):
     """Boxed params (carrying logical axis names)."""
     return self.model.init(rng, *self.init_inputs())["params"]

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from capjax import decode, objectives, tasks
+from capjax import config as config_lib, decode, objectives, tasks
 from capjax.models import cappa as cappa_model
 from capjax.tasks import base
 
@@ -85,6 +85,24 @@ def forward_flops_per_example(model_config, image_size: int) -> float:
 @tasks.register("cappa")
 class CapPa(base.Task):
   """Batches: {"image": uint8[B, S, S, 3], "tokens": int32[B, max_len + 1]} (BOS .. EOS PAD)."""
+
+  @classmethod
+  def check_config(cls, config):
+    m = config.model
+    for key in ("vocab_size", "patch_size", "width", "enc_depth", "dec_depth", "mlp_dim",
+                "num_heads", "scan_unroll"):
+      config_lib.check_range(f"model.{key}", m[key], 1)
+    config_lib.check_range("model.max_len", m.max_len, 2)
+    config_lib.check_range("model.num_registers", m.num_registers, 0)
+    config_lib.check_range("objective.masked_pred_prob", config.objective.masked_pred_prob, 0, 1)
+    if config.data.image_size % m.patch_size:
+      raise config_lib.ConfigError(
+          f"data.image_size={config.data.image_size} is not divisible by "
+          f"model.patch_size={m.patch_size}.")
+    for width_key in ("width", "dec_width"):
+      if m[width_key] and m[width_key] % m.num_heads:
+        raise config_lib.ConfigError(f"model.{width_key}={m[width_key]} is not divisible by "
+                                     f"model.num_heads={m.num_heads}.")
 
   def build_model(self):
     return cappa_model.from_config(self.config)
