@@ -210,7 +210,7 @@ def base() -> ml_collections.ConfigDict:
                  max_consecutive_skips=100,  # skip mode stops after this many in a row; 0: never
                  allow_restart=False)  # start from step 0 over an earlier run's files
   c.eval = dict(every=500, num_examples=256, batch_size=64, num_captions=4)
-  c.checkpoint = dict(every=500, keep=3, keep_period=0)  # also keep every keep_period-th; 0: off
+  c.checkpoint = dict(every=500, keep=3, keep_period=0, allow_data_restart=False)  # see README
   c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
   c.schedule = dict(name="warmup_cosine", peak_lr=1e-3, warmup_steps=100, end_lr_fraction=0.01)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -78,7 +78,9 @@ def evaluate(run: setup_lib.Setup, params, tok):
 
 def restore_or_init(ckpt, run: setup_lib.Setup, data_iter):
   """(state, meta, restored step or None): the newest usable checkpoint, else a fresh state."""
-  state, step, meta = ckpt.restore(run.abstract_state(), data_iter)
+  state, step, meta = ckpt.restore(
+      run.abstract_state(), data_iter,
+      allow_data_restart=run.config.checkpoint.allow_data_restart)
   if state is None:
     state = run.init_state()
   return state, meta, step
@@ -248,7 +250,7 @@ def main(argv=None):
           tokenizer_lib.TokenizerError, workdir_lib.WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except stopping.NonFiniteError as e:
+  except (stopping.NonFiniteError, checkpoint.CheckpointSaveError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except stopping.StopWhileWaiting as e:

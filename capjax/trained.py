@@ -52,9 +52,18 @@ def _restore(config, tok, restore_fn) -> tuple[tasks.Task, dict, int]:
 
 
 def load(path: str, step: int | None = None) -> Trained:
-  """The latest (or given) checkpoint of a workdir, or an exported model, on all devices."""
+  """The latest (or given) checkpoint of a workdir, or an exported model, on all devices.
+
+  A workdir's checkpoint is verified as training verifies it (`checkpoint.newest_intact`): a
+  damaged newest one gives way to the previous one with a warning; a damaged `step` is a
+  CheckpointDamagedError, and none intact a NoUsableCheckpointError."""
   if workdir.is_export(path):
     return load_exported(path)
+  return checkpoint.newest_intact(workdir.checkpoints(path),
+                                  lambda s: _load_checkpoint(path, s), step)
+
+
+def _load_checkpoint(path: str, step: int) -> Trained:
   ckpt_dir = workdir.checkpoints(path)
   config = config_lib.from_saved(checkpoint.saved_config(ckpt_dir, step).to_dict())
   tok = tokenizer_lib.Tokenizer(str(workdir.tokenizer(path, config)))

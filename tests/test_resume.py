@@ -1,15 +1,18 @@
 """Never lose a run: exact resume after SIGKILL, SIGTERM / Ctrl-C stops, corrupt
-checkpoints, config mismatches and non-finite steps, all through `python -m capjax.train`."""
+checkpoints, config mismatches, a full disk and non-finite steps, all through
+`python -m capjax.train`."""
 
 import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from capjax import train
+from capjax import checkpoint, train, workdir as workdir_lib
 from tests import train_cli
 
 NUM_STEPS = 60  # long enough that a kill after the first checkpoint lands mid-run
@@ -78,6 +81,74 @@ def test_model_size_mismatch_is_a_one_line_error(reference, tmp_path):
   assert re.fullmatch(r"error: Checkpoint \S+ does not match the config: params/\S+ is "
                       r"\([\d, ]+\) in the checkpoint but \([\d, ]+\) in the config\.", last), last
   assert train_cli.steps(workdir) == train_cli.steps(reference)  # nothing moved or written
+
+
+@pytest.mark.slow
+def test_a_data_pipeline_change_is_a_one_line_refusal_that_renames_nothing(reference, tmp_path):
+  workdir = copy_run(reference, tmp_path)
+  out = train_cli.run(workdir, **{"train.num_steps": NUM_STEPS, "data.num_threads": 2,
+                                  "data.num_workers": 2})
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(rf"error: Checkpoint \S+/{NUM_STEPS} has a data-iterator state that does "
+                      r"not fit this input pipeline \(.+\); data.num_workers .+\.", last), last
+  assert "Traceback" not in out.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == sorted(
+      os.listdir(os.path.join(reference, "checkpoints")))  # nothing set aside
+  assert train_cli.metrics(workdir) == train_cli.metrics(reference)  # the history is kept
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_lost_its_data_position_is_not_resumed_as_exact(reference, tmp_path):
+  workdir = copy_run(reference, tmp_path)
+  os.remove(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "data", "process_0-of-1.json"))
+  out = train_cli.run(workdir, **{"train.num_steps": NUM_STEPS, "data.num_threads": 2})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "process_0-of-1.json is missing" in out.stderr
+  assert f"resumed from step {NUM_STEPS - 10}" in out.stderr
+  assert train_cli.bitwise_equal(train_cli.saved_state(workdir, NUM_STEPS),
+                                 train_cli.saved_state(reference, NUM_STEPS))
+
+
+# Runs the trainer with a disk that fills up while checkpoint {step} is written: orbax's JSON
+# writer (the `meta` and `config` items) fails with ENOSPC in that step's temporary directory.
+FULL_DISK_AT = """
+import errno, sys
+import orbax.checkpoint as ocp
+from capjax import train
+write = ocp.JsonCheckpointHandler._save_fn
+async def full_disk(self, x, directory):
+  if "/{step}." in str(directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+  return await write(self, x, directory)
+ocp.JsonCheckpointHandler._save_fn = full_disk
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_stops_in_one_line_and_the_rerun_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  overrides = {"train.num_steps": 30, "checkpoint.every": 10}
+  cmd = train_cli.command(workdir, **overrides)
+  full = subprocess.run([sys.executable, "-c", FULL_DISK_AT.replace("{step}", "20"), *cmd[3:]],
+                        cwd=train_cli.ROOT, env=train_cli.env(), capture_output=True, text=True,
+                        timeout=600)
+  assert full.returncode != 0
+  last = full.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"error: Could not save checkpoint \S+/20 \(.*No space left on "
+                      r"device.*\); it is incomplete and will be ignored: rerun to resume from "
+                      r"the newest complete one\.", last), full.stderr[-3000:]
+  # Nothing that looks complete but fails to restore: step 20 was never committed.
+  assert train_cli.steps(workdir) == [10]
+  ckpt_dir = workdir_lib.checkpoints(workdir)
+  assert checkpoint.verify_files(ckpt_dir / "10")
+
+  out = train_cli.run(workdir, **overrides)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 10" in out.stderr
+  assert train_cli.steps(workdir) == [10, 20, 30]
+  assert all(checkpoint.verify_files(ckpt_dir / str(step)) for step in (20, 30))
 
 
 @pytest.mark.parametrize("sig, code", [

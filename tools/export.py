@@ -2,6 +2,8 @@
 
   python tools/export.py --workdir=DIR --output=OUT [--step=N]
 
+The checkpoint is verified first: a damaged newest one gives way to the previous intact one
+(with a warning); a damaged --step, or no intact checkpoint, is a one-line error (exit 2).
 Load the result with `capjax.trained.load(OUT)` (or `load_exported`); the
 caption / evaluate / serve commands accept OUT wherever they take a workdir.
 """
@@ -20,7 +22,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     step = trained.export(args.workdir, args.output, args.step)
-  except (FileNotFoundError, FileExistsError, checkpoint.CheckpointMismatchError) as e:
+  except (FileNotFoundError, FileExistsError, checkpoint.CheckpointMismatchError,
+          checkpoint.CheckpointDamagedError, checkpoint.NoUsableCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"exported step {step} of {args.workdir} to {args.output}", file=sys.stderr)
