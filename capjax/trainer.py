@@ -67,6 +67,7 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
   base_rng = jax.random.key(config.seed + 1)
   inject_nan_at = config.train.get("inject_nan_at_step", -1)
   inject_nan_steps = config.train.get("inject_nan_steps", 1)
+  normalization = config.objective.get("loss_normalization", "per_example")
 
   def apply_fn(params, images, tokens, mask):
     return model.apply({"params": params}, images, tokens, mask)
@@ -82,7 +83,8 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
     def loss_fn(params):
       return objectives.cappa_loss(
           apply_fn, params, images, batch["tokens"], rng,
-          masked_pred_prob=config.objective.masked_pred_prob, mask_id=mask_id, pad_id=pad_id)
+          masked_pred_prob=config.objective.masked_pred_prob, mask_id=mask_id, pad_id=pad_id,
+          normalization=normalization)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -105,11 +107,13 @@ def make_train_step(model, optimizer, config, mask_id: int, pad_id: int):
 def make_eval_step(model, config, pad_id: int):
   """(params, batch) -> captioning-only loss (seed 003's validation loss)."""
   dtype = jnp.dtype(config.dtype)
+  normalization = config.objective.get("loss_normalization", "per_example")
 
   def eval_step(params, batch):
     apply_fn = lambda p, *a: model.apply({"params": p}, *a)
     return objectives.captioning_loss(
-        apply_fn, params, normalize_images(batch["image"], dtype), batch["tokens"], pad_id=pad_id)
+        apply_fn, params, normalize_images(batch["image"], dtype), batch["tokens"], pad_id=pad_id,
+        normalization=normalization)
 
   return eval_step
 
