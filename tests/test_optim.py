@@ -179,3 +179,32 @@ def test_shampoo_state_checkpoint_continues_the_same_trajectory(tmp_path):
   # Shampoo did precondition: its inverse roots are no longer the identity they start as.
   precond = _down_kernel_state(resumed.opt_state).preconditioners
   assert not np.allclose(np.asarray(precond[0]), np.eye(precond.shape[-1]))
+
+
+# ---------------------------------------------------------------- weight decay
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "shampoo"])
+def test_weight_decay_only_on_kernels(name):
+  config = tiny_config(**{"optimizer.name": name, "optimizer.weight_decay": 0.1,
+                          "schedule.name": "constant", "schedule.peak_lr": 0.1})
+  model = models.from_config(config)
+  params = nn.meta.unbox(model.init(jax.random.key(0), *trainer.dummy_inputs(config))["params"])
+  optimizer = factory.make_optimizer(config)
+  state = optimizer.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)  # only weight decay moves a param
+  new = params
+  for _ in range(2):
+    updates, state = optimizer.update(grads, state, new)
+    new = jax.tree.map(lambda p, u: p + u, new, updates)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda path, a, b: (jax.tree_util.keystr(path), float(jnp.max(jnp.abs(a - b)))),
+      params, new)
+  moved = dict(jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)))
+  kernels = [k for k in moved if k.endswith("['kernel']")]
+  others = [k for k in moved if k not in kernels]
+  assert len(kernels) >= 10 and any("['scale']" in k for k in others)
+  assert {"['decoder']['token_embedding']['embedding']", "['encoder']['registers']",
+          "['encoder']['pos_embedding']"} <= set(others)
+  assert all(moved[k] > 1e-4 for k in kernels), moved
+  assert all(moved[k] == 0.0 for k in others), moved
