@@ -12,7 +12,7 @@ import pytest
 
 from capjax import checkpoint, config as config_lib, models, sharding, train, trainer
 from capjax.data import pipeline
-from capjax.optim import factory
+from capjax.optim import factory, schedules
 from capjax.optim.shampoo import ShampooParamState, ShampooState
 from tests.helpers import tiny_config
 from tests.shampoo_sharded_worker import FAST_COMPILE, shampoo_config, small_tokenizer
@@ -91,17 +91,23 @@ def test_shampoo_preconditions_scanned_layers_one_by_one():
   assert jax.tree.map(lambda x: x.shape, derived) == jax.tree.map(lambda x: x.shape, given)
 
 
-@pytest.mark.parametrize("preset,block_size", [("cappa_b16", 1024),
-                                               ("cappa_l16_datacomp", 512)])
-def test_cappa_presets_train_with_seed_003_shampoo(preset, block_size):
+@pytest.mark.parametrize("preset,block_size,b2", [("cappa_b16", 1024, 0.999),
+                                                  ("cappa_l16_datacomp", 512, 0.99)])
+def test_cappa_presets_train_with_seed_003_shampoo(preset, block_size, b2):
   config = config_lib.load(preset)
   opt = config.optimizer
   assert (opt.name, opt.graft_type, opt.nesterov, opt.weight_decay) == (
       "shampoo", "rmsprop_normalized", True, 0.0)
-  assert opt.block_size == block_size and opt.b1 == 0.9 and opt.b2 == 0.999
+  assert opt.block_size == block_size and opt.b1 == 0.9 and opt.b2 == b2
   assert 10 <= opt.preconditioning_compute_steps <= 20
   assert opt.start_preconditioning_step == 101
   assert factory.optimizer_args(opt)  # every key is one an optimizer reads
+  if preset == "cappa_l16_datacomp":  # clip-jax's README example and train.py
+    assert opt.preconditioning_compute_steps == 20 and opt.moving_average_for_momentum
+    assert config.train.grad_clip_norm == 0.0 and config.model.vocab_size == 65_536
+    schedule = schedules.get_schedule(config)
+    assert float(schedule(config.schedule.warmup_steps)) == pytest.approx(1e-3)
+    assert float(schedule(config.train.num_steps)) == 0.0  # anneals to zero
   if preset == "cappa_l16_datacomp":  # as its comment says: split over fsdp=32
     params = sharding.unbox_shapes(
         trainer.abstract_params(models.from_config(config), config))
