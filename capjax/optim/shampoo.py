@@ -67,7 +67,7 @@ def merge_small_dims(shape, max_dim):
 
 
 class _Layout(NamedTuple):
-  """Static block layout of one param (one layer of a stacked param)."""
+  """Static block layout of one param (one slice of a param with independent axes)."""
   shape: tuple  # the param's shape
   merged: tuple  # shape after merging small dims
   block: tuple  # block side along each merged axis
