@@ -203,7 +203,8 @@ def base() -> ml_collections.ConfigDict:
       timeout_s=600,  # no training batch for this long: a one-line error naming the skips
       restval_to_train=True, karpathy_json="")  # coco
   c.tokenizer = dict(path="", model_type="unigram", vocab_size=32_000)
-  c.objective = dict(masked_pred_prob=0.75)
+  c.objective = dict(masked_pred_prob=0.75,
+                     loss_normalization="per_example")  # per_example | per_token (objectives.py)
   c.train = dict(num_steps=1000, batch_size=64, log_every=50, grad_clip_norm=1.0,
                  nonfinite="skip",  # skip|stop
                  inject_nan_at_step=-1, inject_nan_steps=1,  # fault injection (tests); -1: off

@@ -17,9 +17,26 @@ def causal_mask(length: int):
   return jnp.tril(jnp.ones((length, length), dtype=bool))
 
 
-def token_cross_entropy(logits_BxLxV, targets_BxL, pad_id: int):
-  """Mean cross-entropy over non-padding target tokens, in float32."""
+LOSS_NORMALIZATIONS = ("per_example", "per_token")
+
+
+def token_cross_entropy(logits_BxLxV, targets_BxL, pad_id: int,
+                        normalization: str = "per_example"):
+  """Cross-entropy over non-padding target tokens, in float32.
+
+  per_example (`objective.loss_normalization`'s default): the mean over captions of each
+  caption's mean token loss, as big_vision (`utils.weighted_softmax_xent(normalize=True)`) and
+  clip-jax do, so a long caption weighs as much as a short one; a row with no tokens adds
+  nothing and is not counted. per_token: the mean over all tokens of the batch.
+  """
+  if normalization not in LOSS_NORMALIZATIONS:
+    raise ValueError(f"objective.loss_normalization={normalization!r}; expected one of "
+                     f"{LOSS_NORMALIZATIONS}.")
   weights_BxL = (targets_BxL != pad_id).astype(jnp.float32)
   losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxLxV.astype(jnp.float32), targets_BxL)
-  return jnp.sum(losses_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+      logits_BxLxV.astype(jnp.float32), targets_BxL) * weights_BxL
+  if normalization == "per_token":
+    return jnp.sum(losses_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  tokens_B = jnp.sum(weights_BxL, axis=1)
+  losses_B = jnp.sum(losses_BxL, axis=1) / jnp.maximum(tokens_B, 1.0)
+  return jnp.sum(losses_B) / jnp.maximum(jnp.sum(tokens_B > 0), 1)

@@ -1,6 +1,7 @@
 """capjax.optim.factory: optimizers by name and their keys, Shampoo wired to the model's
 scanned layers, the cappa presets, and Shampoo's state through a checkpoint."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +10,7 @@ import pytest
 
 from capjax import checkpoint, config as config_lib, setup as setup_lib, sharding
 from capjax.data import pipeline
-from capjax.optim import factory
+from capjax.optim import factory, schedules
 from capjax.optim.shampoo import ShampooParamState, ShampooState
 from tests import helpers
 from tests.helpers import tiny_config
@@ -87,17 +88,23 @@ def test_shampoo_preconditions_scanned_layers_one_by_one():
     factory.make_optimizer(config)
 
 
-@pytest.mark.parametrize("preset,block_size", [("cappa_b16", 1024),
-                                               ("cappa_l16_datacomp", 512)])
-def test_cappa_presets_train_with_seed_003_shampoo(preset, block_size):
+@pytest.mark.parametrize("preset,block_size,b2", [("cappa_b16", 1024, 0.999),
+                                                  ("cappa_l16_datacomp", 512, 0.99)])
+def test_cappa_presets_train_with_seed_003_shampoo(preset, block_size, b2):
   config = config_lib.load(preset)
   opt = config.optimizer
   assert (opt.name, opt.graft_type, opt.nesterov, opt.weight_decay) == (
       "shampoo", "rmsprop_normalized", True, 0.0)
-  assert opt.block_size == block_size and opt.b1 == 0.9 and opt.b2 == 0.999
+  assert opt.block_size == block_size and opt.b1 == 0.9 and opt.b2 == b2
   assert 10 <= opt.preconditioning_compute_steps <= 20
   assert opt.start_preconditioning_step == 101
   assert factory.optimizer_args(opt)  # every key is one an optimizer reads
+  if preset == "cappa_l16_datacomp":  # clip-jax's README example and train.py
+    assert opt.preconditioning_compute_steps == 20 and opt.moving_average_for_momentum
+    assert config.train.grad_clip_norm == 0.0 and config.model.vocab_size == 65_536
+    schedule = schedules.get_schedule(config)
+    assert float(schedule(config.schedule.warmup_steps)) == pytest.approx(1e-3)
+    assert float(schedule(config.train.num_steps)) == 0.0  # anneals to zero
   if preset == "cappa_l16_datacomp":  # as its comment says: split over fsdp=32
     params = sharding.unbox_shapes(helpers.abstract_params(config))
     state = jax.eval_shape(helpers.optimizer(config).init, params)
@@ -164,3 +171,31 @@ def test_shampoo_state_checkpoint_continues_the_same_trajectory(tmp_path):
   # Shampoo did precondition: its inverse roots are no longer the identity they start as.
   precond = _down_kernel_state(resumed.opt_state).preconditioners
   assert not np.allclose(np.asarray(precond[0]), np.eye(precond.shape[-1]))
+
+
+# ---------------------------------------------------------------- weight decay
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "shampoo"])
+def test_weight_decay_only_on_kernels(name):
+  config = tiny_config(**{"optimizer.name": name, "optimizer.weight_decay": 0.1,
+                          "schedule.name": "constant", "schedule.peak_lr": 0.1})
+  params = nn.meta.unbox(helpers.task(config).init_params(jax.random.key(0)))
+  optimizer = helpers.optimizer(config)
+  state = optimizer.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)  # only weight decay moves a param
+  new = params
+  for _ in range(2):
+    updates, state = optimizer.update(grads, state, new)
+    new = jax.tree.map(lambda p, u: p + u, new, updates)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda path, a, b: (jax.tree_util.keystr(path), float(jnp.max(jnp.abs(a - b)))),
+      params, new)
+  moved = dict(jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)))
+  kernels = [k for k in moved if k.endswith("['kernel']")]
+  others = [k for k in moved if k not in kernels]
+  assert len(kernels) >= 10 and any("['scale']" in k for k in others)
+  assert {"['decoder']['token_embedding']['embedding']", "['encoder']['registers']",
+          "['encoder']['pos_embedding']"} <= set(others)
+  assert all(moved[k] > 1e-4 for k in kernels), moved
+  assert all(moved[k] == 0.0 for k in others), moved

@@ -14,8 +14,8 @@ import pytest
 from capjax.optim.shampoo import (ShampooParamState, ShampooState,
                                   is_logical_axes_leaf,
                                   matrix_inverse_pth_root,
+                                  independent_axes_from_logical_axes,
                                   matrix_inverse_pth_root_eigh, shampoo,
-                                  stacked_from_logical_axes,
                                   state_logical_axes)
 
 # The reference casts to float64 for its roots, which is float32 without x64.
@@ -108,7 +108,7 @@ def _compare_with_reference(ds, shapes, graft_type, **kwargs):
   """Runs both optimizers; returns the max |ours - ref| over steps and params."""
   kwargs = {**BASE, "learning_rate": 0.01, "nesterov": True, **kwargs}
   ours = shampoo(graft_type=graft_type,
-                 stacked_leading_axis={k: k == "h" for k in shapes}, **kwargs)
+                 independent_axes={k: (0,) if k == "h" else () for k in shapes}, **kwargs)
   ref_graft = getattr(ds.GraftingType, graft_type.upper())
   ref = ds.distributed_shampoo(
       graft_type=ref_graft, batch_axis_name=None, shard_optimizer_states=False,
@@ -160,7 +160,7 @@ def test_matches_reference_eigh_decay_sum_schedule(reference):
 def test_stacked_param_equals_independent_layers():
   kwargs = dict(BASE, learning_rate=0.1, start_preconditioning_step=4,
                 preconditioning_compute_steps=2)
-  stacked = shampoo(stacked_leading_axis={"s": True}, **kwargs)
+  stacked = shampoo(independent_axes={"s": (0,)}, **kwargs)
   layers = shampoo(**kwargs)
   params = {"s": 0.1 * jax.random.normal(jax.random.PRNGKey(0), (3, 16, 20))}
   split = lambda tree: {f"s{i}": v for i, v in enumerate(tree["s"])}
@@ -178,6 +178,79 @@ def test_stacked_param_equals_independent_layers():
   assert s_stacked.stats["s"].statistics.shape == (3 * blocks, 16, 16)
   np.testing.assert_allclose(s_stacked.stats["s"].preconditioners[blocks:2 * blocks],
                              s_layers.stats["s1"].preconditioners, rtol=1e-6, atol=1e-6)
+
+
+# A 2-layer attention + GeGLU block whose q/k/v and gate/up kernels are fused, as in
+# capjax/models/layers.py, or separate. D=16, H=2, K=8, M=24: with merging to 16 a q kernel
+# is a 16 x 16 matrix, a fused q/k/v kernel 16 x 48 unless split.
+D, H, K, M, LAYERS = 16, 2, 8, 24, 2
+FUSED_AXES = {"qkv": ("layers", "embed", None, "heads", "kv"),
+              "out": ("layers", "heads", "kv", "embed"),
+              "wi": ("embed", None, "mlp"), "down": ("mlp", "embed"), "scale": ("embed",)}
+SEPARATE_AXES = {**{n: ("layers", "embed", "heads", "kv") for n in ("q", "k", "v")},
+                 "out": FUSED_AXES["out"], **{n: ("embed", "mlp") for n in ("gate", "up")},
+                 "down": FUSED_AXES["down"], "scale": FUSED_AXES["scale"]}
+
+
+def _separate(fused):
+  q, k, v = (fused["qkv"][:, :, i] for i in range(3))
+  return {"q": q, "k": k, "v": v, "gate": fused["wi"][:, 0], "up": fused["wi"][:, 1],
+          **{n: fused[n] for n in ("out", "down", "scale")}}
+
+
+def _block_out(p, x_BxTxD):
+  h_BxTxD = x_BxTxD
+  for layer in range(LAYERS):
+    q, k, v = (jnp.einsum("btd,dhk->bthk", h_BxTxD, p[n][layer]) for n in ("q", "k", "v"))
+    weights_BxHxTxT = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k) / K ** 0.5)
+    o_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxT, v)
+    h_BxTxD = h_BxTxD + jnp.einsum("bthk,hkd->btd", o_BxTxHxK, p["out"][layer])
+  h_BxTxM = jax.nn.gelu(h_BxTxD @ p["gate"]) * (h_BxTxD @ p["up"])
+  return (h_BxTxD + h_BxTxM @ p["down"]) * p["scale"]
+
+
+def _fused_block_params(seed, stddev):
+  shapes = {"qkv": (LAYERS, D, 3, H, K), "out": (LAYERS, H, K, D), "wi": (D, 2, M),
+            "down": (M, D)}
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+  return {**{n: stddev * jax.random.normal(key, shape)
+             for key, (n, shape) in zip(keys, shapes.items())}, "scale": jnp.ones((D,))}
+
+
+def test_fused_kernels_train_as_separate_kernels():
+  kwargs = dict(BASE, learning_rate=3e-4, block_size=16, merge_small_dims_block_size=16,
+                start_preconditioning_step=4, preconditioning_compute_steps=3,
+                weight_decay=1e-3)
+  teacher = _separate(_fused_block_params(1, 0.15))
+  separate_loss = lambda p, x: jnp.mean((_block_out(p, x) - _block_out(teacher, x)) ** 2)
+  fused = _fused_block_params(0, 0.1)
+  assert independent_axes_from_logical_axes(FUSED_AXES)["qkv"] == (0, 2)
+  assert independent_axes_from_logical_axes(FUSED_AXES, split_fused=False)["qkv"] == (0,)
+  runs = {}
+  for name, params, axes in [("fused", fused, FUSED_AXES),
+                             ("separate", _separate(fused), SEPARATE_AXES)]:
+    opt = shampoo(independent_axes=independent_axes_from_logical_axes(axes), **kwargs)
+    loss = (lambda p, x: separate_loss(_separate(p), x)) if name == "fused" else separate_loss
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def step(params, state, x, opt=opt, loss=loss):
+      value, grads = jax.value_and_grad(loss)(params, x)
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, value
+    runs[name] = (step, params, opt.init(params), None)
+  xs = jax.random.normal(jax.random.PRNGKey(7), (STEPS, 8, 6, D))
+  losses = []
+  for i in range(STEPS):
+    for name, (step, params, state, _) in runs.items():
+      runs[name] = (step, *step(params, state, xs[i]))
+    expected, got = runs["separate"][1], _separate(runs["fused"][1])
+    for n in expected:
+      np.testing.assert_allclose(got[n], expected[n], rtol=0, atol=1e-5,
+                                 err_msg=f"{n} at step {i}")
+    losses.append(float(runs["separate"][3]))
+  assert losses[-1] < 0.5 * losses[0], losses  # it trained (0.109 -> 0.025)
+  # Fused: one 16 x 16 matrix per axis of each of q, k, v in each layer, as if separate.
+  assert runs["fused"][2].stats["qkv"].statistics.shape == (LAYERS * 3 * 2, 16, 16)
 
 
 @pytest.mark.parametrize("p", [2, 4, 6])
@@ -205,7 +278,8 @@ def test_eigh_roots_equal_coupled_newton(p):
 
 
 def _short_run(shapes):
-  opt = shampoo(learning_rate=0.01, stacked_leading_axis={k: k == "h" for k in shapes},
+  opt = shampoo(learning_rate=0.01,
+                independent_axes={k: (0,) if k == "h" else () for k in shapes},
                 **dict(BASE, start_preconditioning_step=4))
   params, targets = _init(shapes, 0), _init(shapes, 1)
   return opt, params, _step_fn(opt, targets, False)
@@ -252,8 +326,8 @@ def test_state_logical_axes_contract():
 
   param_axes = {"b": ("mlp",), "h": ("layers", "embed", "mlp"),
                 "e": ("vocab", "embed"), "scale": ()}
-  assert stacked_from_logical_axes(param_axes) == {
-      "b": False, "h": True, "e": False, "scale": False}
+  assert independent_axes_from_logical_axes(param_axes) == {
+      "b": (), "h": (0,), "e": (), "scale": ()}
   named = state_logical_axes(abstract, param_axes)
   sgd_axes = state_logical_axes(jax.eval_shape(shampoo(0.1, graft_type="sgd").init, params))
   assert sgd_axes.stats["h"].diagonal_statistics == ()  # unused with sgd: placeholder

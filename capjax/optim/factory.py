@@ -6,6 +6,10 @@ so one preset can switch optimizers with `--config.optimizer.name=...`; a key th
 optimizer reads is an error (a typo). Shared keys mean the same thing everywhere:
 `b1` (momentum), `b2` (second-moment decay), `weight_decay`.
 
+Weight decay applies to kernels only (params named `kernel`: the matmul weights), not to norm
+scales, biases, the token embedding, position tables or registers: big_vision's default
+(`big_vision/optax.py`, `wd_mults=[(".*/kernel$", 1.0)]`).
+
 The learning rate is `config.schedule` (schedules.py) for every optimizer; gradients are
 clipped to `train.grad_clip_norm` (0: off) before the optimizer sees them.
 """
@@ -52,11 +56,17 @@ def defaults(name: str) -> dict:
   return dict(_lookup(name).defaults)
 
 
+def kernels_mask(params) -> Any:
+  """True for the params weight decay applies to: those named `kernel`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
 @register("adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 def adamw(opt, learning_rate, param_axes):
   del param_axes
   return optax.adamw(learning_rate, b1=opt["b1"], b2=opt["b2"], eps=opt["eps"],
-                     weight_decay=opt["weight_decay"])
+                     weight_decay=opt["weight_decay"], mask=kernels_mask)
 
 
 # weight_decay here is optax's: added after the learning rate (not scaled by it).
@@ -69,7 +79,7 @@ def adafactor(opt, learning_rate, param_axes):
       min_dim_size_to_factor=opt["min_dim_size_to_factor"],
       clipping_threshold=opt["clipping_threshold"] or None,
       multiply_by_parameter_scale=opt["multiply_by_parameter_scale"],
-      weight_decay_rate=opt["weight_decay"] or None)
+      weight_decay_rate=opt["weight_decay"] or None, weight_decay_mask=kernels_mask)
 
 
 # Distributed Shampoo (shampoo.py) with the settings of "Evaluation of Distributed Shampoo"
@@ -79,21 +89,29 @@ def adafactor(opt, learning_rate, param_axes):
 # so that (embed, heads, head_dim) kernels become (embed, heads * head_dim) matrices. That
 # needs embed * heads > it (4096: true of the cappa_* presets); set it to the model width
 # otherwise, or e.g. a (128, 4, 32) kernel becomes a (512, 32) matrix.
+# split_fused: each of q, k, v in a fused (embed, 3, heads, kv) kernel, and gate and up in a
+# fused (embed, 2, mlp) one, is preconditioned and grafted as the separate param it stands
+# for, as in the references (False: the fused kernel is one matrix, as precondition-opt would
+# see it). moving_average_for_momentum: momentum b1 * m + (1 - b1) * update (clip-jax's
+# setting) instead of b1 * m + update (precondition-opt's default).
 @register("shampoo", needs_param_axes=True, b1=0.9, b2=0.999, weight_decay=0.0, block_size=128,
           start_preconditioning_step=101, preconditioning_compute_steps=10,
           graft_type="rmsprop_normalized", nesterov=True, diagonal_eps=1e-10, matrix_eps=1e-6,
-          merge_small_dims_block_size=4096, eigh=False, exponent_override=0)
+          merge_small_dims_block_size=4096, eigh=False, exponent_override=0, split_fused=True,
+          moving_average_for_momentum=False)
 def shampoo(opt, learning_rate, param_axes):
   return shampoo_lib.shampoo(
       learning_rate, block_size=opt["block_size"], beta1=opt["b1"], beta2=opt["b2"],
       diagonal_epsilon=opt["diagonal_eps"], matrix_epsilon=opt["matrix_eps"],
-      weight_decay=opt["weight_decay"],
+      weight_decay=opt["weight_decay"], weight_decay_mask=kernels_mask,
       start_preconditioning_step=opt["start_preconditioning_step"],
       preconditioning_compute_steps=opt["preconditioning_compute_steps"],
       graft_type=opt["graft_type"], nesterov=opt["nesterov"], eigh=opt["eigh"],
       exponent_override=opt["exponent_override"],
+      moving_average_for_momentum=opt["moving_average_for_momentum"],
       merge_small_dims_block_size=opt["merge_small_dims_block_size"],
-      stacked_leading_axis=shampoo_lib.stacked_from_logical_axes(param_axes))
+      independent_axes=shampoo_lib.independent_axes_from_logical_axes(
+          param_axes, split_fused=opt["split_fused"]))
 
 
 def _lookup(name: str) -> _Entry:
@@ -117,7 +135,8 @@ def make_optimizer(config, param_axes: Optional[Any] = None,
   """The optimizer `config.optimizer` names, with `config.schedule` and gradient clipping.
 
   `param_axes`: the params' logical axis names (`nn.get_partition_spec` of the boxed params);
-  Shampoo needs them to precondition `nn.scan`-stacked params layer by layer.
+  Shampoo needs them to precondition `nn.scan`-stacked params layer by layer and fused kernels
+  slice by slice.
   `trainable`: bools with the params' structure, False for frozen params: those get
   `optax.set_to_zero` and no optimizer state at all, and are left out of the clipping norm.
   """

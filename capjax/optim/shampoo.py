@@ -2,8 +2,10 @@
 
 The update of precondition-opt's `distributed_shampoo` (pmap mode, no quantization,
 `decoupled_learning_rate=True`), checked against it step by step in `tests/test_shampoo.py`.
-Added: params stacked by `nn.scan` are preconditioned layer by layer, and each param's block
-matrices live in one array whose leading axis can be sharded.
+Added: a param can stand for several independent ones along some of its axes (the layers of an
+`nn.scan` stack; the q, k, v of a fused projection kernel): each slice along those axes is
+preconditioned and grafted as the separate param it stands for. Each param's block matrices
+live in one array whose leading axis can be sharded.
 
 State: `ShampooState(count, stats)`, `stats` having the params' tree structure with one
 `ShampooParamState` per param:
@@ -11,7 +13,8 @@ State: `ShampooState(count, stats)`, `stats` having the params' tree structure w
     (`diagonal_statistics` is a float32 scalar placeholder with "sgd" grafting);
   statistics, preconditioners: float32 (blocks, B, B): one B x B matrix per (block, axis) pair,
     block-major as in the reference; a matrix for an axis of size b < B sits top-left, zeros
-    around it. For a stacked param, blocks = layers * blocks per layer, layer-major.
+    around it. For a param with independent axes, blocks = slices * blocks per slice,
+    slice-major (the slices in the order of those axes: layer-major for a scanned stack).
     A float32 scalar placeholder when the param is not preconditioned.
 """
 
@@ -64,7 +67,7 @@ def merge_small_dims(shape, max_dim):
 
 
 class _Layout(NamedTuple):
-  """Static block layout of one param (one layer of a stacked param)."""
+  """Static block layout of one param (one slice of a param with independent axes)."""
   shape: tuple  # the param's shape
   merged: tuple  # shape after merging small dims
   block: tuple  # block side along each merged axis
@@ -240,23 +243,55 @@ def matrix_inverse_pth_root_eigh(matrix, p, size, ridge_epsilon=1e-6,
 # ---------------------------------------------------------------- optimizer
 
 
-def stacked_from_logical_axes(param_axes):
-  """`stacked_leading_axis` from the params' logical axes: those starting with "layers"."""
-  return jax.tree.map(lambda names: bool(names) and names[0] == "layers", param_axes,
-                      is_leaf=lambda x: type(x) is tuple)
+def independent_axes_from_logical_axes(param_axes, split_fused: bool = True):
+  """`independent_axes` from the params' logical axes (tuples of names, or PartitionSpecs).
+
+  Axis 0 when it is "layers" (an `nn.scan` stack). With `split_fused`, also the fused axis of
+  a projection kernel: an unnamed axis right after "embed", as in the q/k/v kernel
+  ("embed", None, "heads", "kv"), the cross-attention k/v kernel and the GeGLU gate/up kernel
+  ("embed", None, "mlp") of capjax/models/layers.py. Position and register tables name their
+  leading axis None too, but it is their first, not one after "embed".
+  """
+  def axes_of(names):
+    names = tuple(names or ())
+    stacked = (0,) if names[:1] == ("layers",) else ()
+    fused = tuple(i for i in range(1, len(names))
+                  if split_fused and names[i] is None and names[i - 1] == "embed")
+    return stacked + fused
+  is_names = lambda x: x is None or isinstance(x, (tuple, jax.sharding.PartitionSpec))
+  return jax.tree.map(axes_of, param_axes, is_leaf=is_names)
 
 
-def _split_layers(state, layers):
-  """(layers * blocks, B, B) -> (layers, blocks, B, B); placeholders stay."""
-  split = lambda x: x.reshape((layers, -1) + x.shape[1:]) if x.ndim else x
-  return state._replace(statistics=split(state.statistics),
-                        preconditioners=split(state.preconditioners))
+def _over_slices(fn, axes, in_kinds, out_kinds):
+  """`fn` of one slice, mapped over every slice of a param along `axes` (sorted) by nested vmaps.
+
+  `in_kinds` / `out_kinds` match fn's arguments / results (prefixes allowed); each leaf says
+  how that leaf is laid out: "param" (shaped like the param), "blocks" (block matrices shaped
+  (*slices, blocks, B, B)) or None (shared by all slices).
+  """
+  for level in reversed(range(len(axes))):
+    spec = lambda kind, level=level: axes[level] - level if kind == "param" else 0
+    fn = jax.vmap(fn, in_axes=jax.tree.map(spec, in_kinds),
+                  out_axes=jax.tree.map(spec, out_kinds))
+  return fn
 
 
-def _merge_layers(state):
-  merge = lambda x: x.reshape((-1,) + x.shape[2:]) if x.ndim else x
-  return state._replace(statistics=merge(state.statistics),
-                        preconditioners=merge(state.preconditioners))
+def _state_kinds(state: ShampooParamState) -> ShampooParamState:
+  """`_over_slices` kinds of a param's state (scalar placeholders are shared)."""
+  kind = lambda x, name: name if x.ndim else None
+  return ShampooParamState(kind(state.diagonal_statistics, "param"),
+                           kind(state.diagonal_momentum, "param"),
+                           kind(state.momentum, "param"), kind(state.statistics, "blocks"),
+                           kind(state.preconditioners, "blocks"))
+
+
+def _per_param(tree, treedef, leaves, default, is_leaf=None):
+  """A value per param from `tree` (the params' structure or a prefix of it), or `default`."""
+  if tree is None:
+    return [default] * len(leaves)
+  full = jax.tree.map(lambda value, subtree: jax.tree.map(lambda _: value, subtree),
+                      tree, jax.tree.unflatten(treedef, leaves), is_leaf=is_leaf)
+  return treedef.flatten_up_to(full)
 
 
 def shampoo(
@@ -280,7 +315,8 @@ def shampoo(
     merge_small_dims_block_size: int = 4096,
     relative_matrix_epsilon: bool = True,
     eigh: bool = False,
-    stacked_leading_axis: Optional[Any] = None,
+    independent_axes: Optional[Any] = None,
+    weight_decay_mask: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """Distributed Shampoo; arguments mean what they mean in precondition-opt's.
 
@@ -291,9 +327,11 @@ def shampoo(
   before momentum, and the learning rate scales the update after momentum, as the reference's
   defaults do. `eigh=True` computes inverse roots by eigendecomposition, not coupled Newton.
 
-  `stacked_leading_axis`: bools with the params' tree structure (or a prefix of it), True for
-  params stacked by `nn.scan` (see `stacked_from_logical_axes`). Each slice of such a param
-  along its leading axis is preconditioned and grafted as an independent param.
+  `independent_axes`: tuples of axis indices with the params' tree structure (or a prefix of
+  it; see `independent_axes_from_logical_axes`). Each slice of a param along its independent
+  axes (a scanned layer; q, k or v of a fused kernel) is preconditioned, merged and grafted as
+  a separate param. `weight_decay_mask`: bools likewise (or a function of the params returning
+  them), False for params not decayed; None: all are.
   """
   if graft_type not in GRAFT_TYPES:
     raise ValueError(f"shampoo: graft_type={graft_type!r}, expected one of {GRAFT_TYPES}.")
@@ -302,21 +340,24 @@ def shampoo(
   momentum_weight = 1.0 - beta1 if moving_average_for_momentum else 1.0
 
   def layout_of(shape):
-    """The block layout of a param (one layer's shape), None for graft-only params."""
+    """The block layout of a param (one slice's shape), None for graft-only params."""
     if (len(shape) < skip_preconditioning_rank_lt or
         any(d > skip_preconditioning_dim_size_gt for d in shape)):
       return None
     return _make_layout(shape, block_size, merge_to, exponent_override)
 
-  def stacked_flags(treedef, leaves):
-    if stacked_leading_axis is None:
-      return [False] * len(leaves)
-    flags = jax.tree.map(lambda flag, subtree: jax.tree.map(lambda _: flag, subtree),
-                         stacked_leading_axis, jax.tree.unflatten(treedef, leaves))
-    return treedef.flatten_up_to(flags)
+  def split_shape(shape, axes):
+    """(number of slices along each independent axis, one slice's shape)."""
+    return (tuple(shape[a] for a in axes),
+            tuple(d for a, d in enumerate(shape) if a not in axes))
 
-  def init_param(param, stacked):
-    layers, shape = (param.shape[0], param.shape[1:]) if stacked else (1, param.shape)
+  def axes_per_param(treedef, leaves):
+    axes = _per_param(independent_axes, treedef, leaves, (),
+                      is_leaf=lambda x: isinstance(x, tuple))
+    return [tuple(sorted(a)) for a in axes]
+
+  def init_param(param, axes):
+    slices, shape = split_shape(param.shape, axes)
     zeros, placeholder = jnp.zeros(param.shape, jnp.float32), jnp.zeros([], jnp.float32)
     diagonal = placeholder if graft_type == "sgd" else zeros
     layout = layout_of(shape)
@@ -324,7 +365,7 @@ def shampoo(
       return ShampooParamState(diagonal, zeros, zeros, placeholder, placeholder)
     # Built from iota, not np.eye: a numpy constant would be materialized unsharded
     # (4 GB for L/16) inside the init program.
-    sizes_N = jnp.asarray(np.tile(layout.stat_sizes(), layers))
+    sizes_N = jnp.asarray(np.tile(layout.stat_sizes(), math.prod(slices)))
     i = jnp.arange(layout.size)
     eye = ((i[:, None] == i[None, :])[None] & (i[None, None, :] < sizes_N[:, None, None])
            ).astype(jnp.float32)
@@ -332,15 +373,15 @@ def shampoo(
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
-    states = map(init_param, leaves, stacked_flags(treedef, leaves))
+    states = map(init_param, leaves, axes_per_param(treedef, leaves))
     return ShampooState(jnp.zeros([], jnp.int32), jax.tree.unflatten(treedef, list(states)))
 
-  def inverse_roots(stats, old, layout, layers):
+  def inverse_roots(stats, old, layout, num_slices):
     """New preconditioners where the root succeeded, else the old ones."""
     root_fn = functools.partial(matrix_inverse_pth_root_eigh if eigh else matrix_inverse_pth_root,
                                 p=layout.exponent, ridge_epsilon=matrix_epsilon,
                                 relative_matrix_epsilon=relative_matrix_epsilon)
-    sizes = np.tile(layout.stat_sizes(), layers)
+    sizes = np.tile(layout.stat_sizes(), num_slices)
     roots, errors = jax.vmap(lambda m, size: root_fn(m, size=size))(stats, sizes)
     failed = jnp.isnan(errors) | (errors >= inverse_failure_threshold)
     return jnp.where(failed[:, None, None], old, roots)
@@ -357,17 +398,17 @@ def shampoo(
       diagonal = w1 * diagonal + w2 * jnp.square(grad)
     return grad / (jnp.sqrt(diagonal) + diagonal_epsilon), diagonal
 
-  def transform(grad, param, state, layout, step, lr):
-    """One layer's update, given its new statistics and preconditioners."""
+  def transform(grad, param, state, layout, decay, step, lr):
+    """One slice's update, given its new statistics and preconditioners."""
     graft_update, diagonal = graft(grad, state.diagonal_statistics)
     precond_grad = (graft_update if layout is None else
                     _precondition(grad, state.preconditioners, layout))
     # Shampoo's direction with the grafted update's norm.
     shampoo_update = precond_grad * (jnp.linalg.norm(graft_update) /
                                      (jnp.linalg.norm(precond_grad) + _EPSILON))
-    if weight_decay != 0:
-      shampoo_update = shampoo_update + weight_decay * param
-      graft_update = graft_update + weight_decay * param
+    if decay != 0:
+      shampoo_update = shampoo_update + decay * param
+      graft_update = graft_update + decay * param
     momentum = state.momentum * beta1 + momentum_weight * shampoo_update
     diagonal_momentum = state.diagonal_momentum * beta1 + momentum_weight * graft_update
     # The reference's 0/1 blend rather than jnp.where: XLA then rounds the same way.
@@ -379,25 +420,29 @@ def shampoo(
     return -lr * update, state._replace(diagonal_statistics=diagonal,
                                         diagonal_momentum=diagonal_momentum, momentum=momentum)
 
-  def update_param(grad, param, state, stacked, step, lr):
-    layers, shape = (grad.shape[0], grad.shape[1:]) if stacked else (1, grad.shape)
+  def update_param(grad, param, state, axes, decay, step, lr):
+    slices, shape = split_shape(grad.shape, axes)
     layout = layout_of(shape)
-    per_layer = jax.vmap if stacked else lambda fn, **_: fn
     grad = grad.astype(jnp.float32)
     if layout is not None:
-      grams = per_layer(lambda g: _block_grams(g, layout))(grad)
+      grams = _over_slices(lambda g: _block_grams(g, layout), axes, "param", "blocks")(grad)
       stats = w1 * state.statistics + w2 * grams.reshape(state.statistics.shape)
-      roots = lambda: inverse_roots(stats, state.preconditioners, layout, layers)
+      roots = lambda: inverse_roots(stats, state.preconditioners, layout, math.prod(slices))
       if preconditioning_compute_steps > 1:
         roots = functools.partial(lax.cond, step % preconditioning_compute_steps == 0, roots,
                                   lambda: state.preconditioners)
       state = state._replace(statistics=stats, preconditioners=roots())
-    state = _split_layers(state, layers) if stacked else state
-    axes = jax.tree.map(lambda x: 0 if x.ndim else None, state)
-    update, state = per_layer(
-        functools.partial(transform, layout=layout, step=step, lr=lr),
-        in_axes=(0, None if param is None else 0, axes), out_axes=(0, axes))(grad, param, state)
-    return update, _merge_layers(state) if stacked else state
+    by_slice = lambda x: x.reshape(slices + (-1,) + x.shape[1:]) if x.ndim else x
+    state = state._replace(statistics=by_slice(state.statistics),
+                           preconditioners=by_slice(state.preconditioners))
+    kinds = _state_kinds(state)
+    update, state = _over_slices(
+        functools.partial(transform, layout=layout, decay=decay, step=step, lr=lr), axes,
+        ("param", None if param is None else "param", kinds), ("param", kinds))(
+            grad, param, state)
+    merged = lambda x: x.reshape((-1,) + x.shape[len(slices) + 1:]) if x.ndim else x
+    return update, state._replace(statistics=merged(state.statistics),
+                                  preconditioners=merged(state.preconditioners))
 
   def update_fn(grads, state, params=None):
     if weight_decay != 0 and params is None:
@@ -405,12 +450,15 @@ def shampoo(
     grads_flat, treedef = jax.tree.flatten(grads)
     params_flat = ([None] * len(grads_flat) if params is None else
                    treedef.flatten_up_to(params))
+    mask = weight_decay_mask(grads) if callable(weight_decay_mask) else weight_decay_mask
+    decays = [weight_decay if decayed else 0.0
+              for decayed in _per_param(mask, treedef, grads_flat, True)]
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     updates, new_states = [], []
-    for grad, param, param_state, stacked in zip(
+    for grad, param, param_state, axes, decay in zip(
         grads_flat, params_flat, treedef.flatten_up_to(state.stats),
-        stacked_flags(treedef, grads_flat)):
-      update, param_state = update_param(grad, param, param_state, stacked, state.count, lr)
+        axes_per_param(treedef, grads_flat), decays):
+      update, param_state = update_param(grad, param, param_state, axes, decay, state.count, lr)
       updates.append(update.astype(grad.dtype))
       new_states.append(param_state)
     return (jax.tree.unflatten(treedef, updates),

@@ -46,11 +46,11 @@ def cappa_inputs(tokens_BxL1, rng, masked_pred_prob: float, mask_id: int):
 
 
 def cappa_loss(apply_fn, params, images, tokens_BxL1, rng, *, masked_pred_prob: float,
-               mask_id: int, pad_id: int):
+               mask_id: int, pad_id: int, normalization: str = "per_example"):
   inputs_BxL, targets_BxL, mask_Bx1xLxL, parallel_B = cappa_inputs(
       tokens_BxL1, rng, masked_pred_prob, mask_id)
   logits_BxLxV = apply_fn(params, images, inputs_BxL, mask_Bx1xLxL)
-  loss = objectives.token_cross_entropy(logits_BxLxV, targets_BxL, pad_id)
+  loss = objectives.token_cross_entropy(logits_BxLxV, targets_BxL, pad_id, normalization)
   return loss, {"parallel_fraction": jnp.mean(parallel_B.astype(jnp.float32))}
 
 
@@ -61,10 +61,11 @@ def captioning_logits(apply_fn, params, images, tokens_BxL1):
   return apply_fn(params, images, inputs_BxL, mask)
 
 
-def captioning_loss(apply_fn, params, images, tokens_BxL1, *, pad_id: int):
+def captioning_loss(apply_fn, params, images, tokens_BxL1, *, pad_id: int,
+                    normalization: str = "per_example"):
   """Teacher-forced causal loss only (what validation reports, as in seed 003)."""
   logits_BxLxV = captioning_logits(apply_fn, params, images, tokens_BxL1)
-  return objectives.token_cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:], pad_id)
+  return objectives.token_cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:], pad_id, normalization)
 
 
 def forward_flops_per_example(model_config, image_size: int) -> float:
@@ -95,6 +96,10 @@ class CapPa(base.Task):
     config_lib.check_range("model.max_len", m.max_len, 2)
     config_lib.check_range("model.num_registers", m.num_registers, 0)
     config_lib.check_range("objective.masked_pred_prob", config.objective.masked_pred_prob, 0, 1)
+    if config.objective.loss_normalization not in objectives.LOSS_NORMALIZATIONS:
+      raise config_lib.ConfigError(
+          f"objective.loss_normalization={config.objective.loss_normalization!r}; expected one "
+          f"of {objectives.LOSS_NORMALIZATIONS}.")
     if config.data.image_size % m.patch_size:
       raise config_lib.ConfigError(
           f"data.image_size={config.data.image_size} is not divisible by "
@@ -124,11 +129,13 @@ class CapPa(base.Task):
     return cappa_loss(
         self._apply, params, base.normalize_images(batch["image"], self.dtype), batch["tokens"],
         rng, masked_pred_prob=self.config.objective.masked_pred_prob,
-        mask_id=self.special.mask, pad_id=self.special.pad)
+        mask_id=self.special.mask, pad_id=self.special.pad,
+        normalization=self.config.objective.loss_normalization)
 
   def eval_loss(self, params, batch):
     return captioning_loss(self._apply, params, base.normalize_images(batch["image"], self.dtype),
-                           batch["tokens"], pad_id=self.special.pad)
+                           batch["tokens"], pad_id=self.special.pad,
+                           normalization=self.config.objective.loss_normalization)
 
   def flops_per_example(self):
     return 3.0 * forward_flops_per_example(self.config.model, self.config.data.image_size)
