@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 
 from capjax import config as config_lib, models, objectives, trainer
-from tests.helpers import tiny_config
+from tests.helpers import random_head, tiny_config
 
 MASK_ID, PAD_ID = 4, 0
 
 
 def _init(config):
+  """The model and params with a random vocabulary head (it starts at zero, which would
+  hide every input's effect on the logits)."""
   model = models.from_config(config)
   params = nn.meta.unbox(model.init(jax.random.key(0), *trainer.dummy_inputs(config))["params"])
-  return model, params
+  return model, random_head(params)
 
 
 def _batch(config, b=4, seed=0):

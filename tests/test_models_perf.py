@@ -4,16 +4,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from capjax import models, objectives, trainer
 from capjax.models import layers
-from tests.helpers import tiny_config
+from tests.helpers import random_head, tiny_config
 
 
 def _init(config):
   model = models.from_config(config)
   params = nn.meta.unbox(model.init(jax.random.key(0), *trainer.dummy_inputs(config))["params"])
-  return model, params
+  return model, random_head(params)  # the head starts at zero: logits would not compare
 
 
 def _inputs(config, b=3):
@@ -36,9 +37,10 @@ def test_fused_projections_keep_logical_axes():
   assert layer["mlp"]["wi"]["kernel"].value.shape == (m.dec_depth, m.width, 2, m.mlp_dim)
 
 
-def test_fused_attention_matches_explicit_weights():
-  """jax.nn.dot_product_attention (default) == the explicit path that sows weights."""
-  config = tiny_config()
+@pytest.mark.parametrize("policy", layers.MATMUL_POLICIES)
+def test_fused_attention_matches_explicit_weights(policy):
+  """The training path (legacy: jax.nn.dot_product_attention) == the path that sows weights."""
+  config = tiny_config(**{"model.matmul_policy": policy})
   model, params = _init(config)
   images, tokens = _inputs(config)
   length = tokens.shape[1]
