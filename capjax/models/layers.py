@@ -77,15 +77,18 @@ def _f32_accum_einsum(spec: str, dtype, out_dtype, a_dtype, b_dtype):
 def _accumulate(spec: str, x, y, lhs_contract_last: bool = False):
   """einsum with float32 accumulation and result.
 
-  lhs_contract_last: a batched einsum first moves x's contracted axes last. XLA:CPU
-  (jaxlib 0.10) runs a batched bf16 x bf16 -> f32 dot whose lhs is contracted on another
-  axis only in its generic kernel, which fails ("Unsupported element type for
-  DotThunk"); attention's dk and dv are such dots.
+  lhs_contract_last: a batched einsum takes as lhs the operand whose free axes come first
+  in the output, with its contracted axes moved last. XLA:CPU (jaxlib 0.10) runs other
+  batched bf16 x bf16 -> f32 dots in float32, or fails ("Unsupported element type for
+  DotThunk") where the lhs is contracted on another axis; attention's dk and dv are such.
   """
   operands, out_sub = spec.split("->")
   x_sub, y_sub = operands.split(",")
   batch = [c for c in x_sub if c in y_sub and c in out_sub]
   if lhs_contract_last and batch:
+    first_free = next((c for c in out_sub if c not in batch), None)
+    if first_free in y_sub:
+      x, y, x_sub, y_sub = y, x, y_sub, x_sub
     free = [c for c in x_sub if c not in y_sub]
     contract = [c for c in x_sub if c in y_sub and c not in out_sub]
     order = "".join(batch + free + contract)
