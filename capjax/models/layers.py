@@ -87,7 +87,7 @@ def _accumulate(spec: str, x, y, lhs_contract_last: bool = False):
   batch = [c for c in x_sub if c in y_sub and c in out_sub]
   if lhs_contract_last and batch:
     first_free = next((c for c in out_sub if c not in batch), None)
-    if first_free in y_sub:
+    if first_free is not None and first_free in y_sub:
       x, y, x_sub, y_sub = y, x, y_sub, x_sub
     free = [c for c in x_sub if c not in y_sub]
     contract = [c for c in x_sub if c in y_sub and c not in out_sub]
