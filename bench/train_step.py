@@ -1,12 +1,14 @@
 """Train-step speed and MFU, optionally side by side with clip-jax, in one process.
 
-  python bench/train_step.py --config=cappa_bench_cpu [--compare=clipjax] [--steps=N]
+  python bench/train_step.py --config=cappa_bench_cpu [--compare=clipjax,legacy] [--steps=N]
       [--config.a.b=value ...]
 
 Measures on the current devices: the roofline (best FLOP/s of a jitted bf16-input,
 float32-accumulate matmul big enough to saturate them), capjax's jitted train step
 (as train.py builds it: shardings, donation) on a fixed random batch, and, with
---compare=clipjax, clip-jax's CapPa at the same sizes (bench/clipjax_cappa.py).
+--compare=clipjax, clip-jax's CapPa at the same sizes (bench/clipjax_cappa.py); with
+--compare=legacy, capjax's step again under `model.matmul_policy=legacy` (capjax's
+matmuls before issue 18: bf16 results, autodiff backward). Both: --compare=clipjax,legacy.
 Rounds interleave the contenders (one step each, then the matmuls) so that
 background load hits them alike; times are medians over the rounds after compiling.
 Model FLOPs are analytic (the task's `flops_per_example`), so MFU = model FLOP/s / roofline.
@@ -16,8 +18,9 @@ other processes' load disturbs less than wall time.
 The same-size float32 matmul is printed too: where it beats the bf16 one (XLA:CPU
 without AMX), MFU against the bf16 roofline flatters.
 
-The last line is machine-readable:
+The last line is machine-readable (nan for a contender not run):
   RESULT mfu=<float> capjax_ex_s=<float> clipjax_ex_s=<float> ratio=<float>
+      legacy_ex_s=<float> ratio_legacy=<float>
 """
 
 import argparse
@@ -35,7 +38,8 @@ import steps  # bench/steps.py
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="cappa_bench_cpu")
-  parser.add_argument("--compare", default="", choices=["", "clipjax"])
+  parser.add_argument("--compare", default="",
+                      help="comma-separated contenders: clipjax, legacy")
   parser.add_argument("--steps", type=int, default=12, help="timed rounds (>= 10)")
   parser.add_argument("--matmul_size", type=int, default=0,
                       help="roofline matmul side; 0: 2048 on CPU, 8192 on accelerators")
@@ -84,12 +88,18 @@ def compile_all(contenders: dict) -> dict:
 def main(argv=None):
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   config = config_lib.load(args.config, overrides)
+  compare = [name for name in args.compare.split(",") if name]
+  if unknown := set(compare) - {"clipjax", "legacy"}:
+    raise SystemExit(f"--compare: unknown {sorted(unknown)}; expected clipjax and/or legacy.")
   batch = steps.random_batch(config)
   contenders = {"capjax": steps.CapjaxStep(config)}
-  if args.compare == "clipjax":
+  if "clipjax" in compare:
     import clipjax_cappa  # pylint: disable=g-import-not-at-top
     contenders["clipjax"] = clipjax_cappa.ClipjaxStep(
         config, steps.IDS.mask, steps.IDS.pad, steps.IDS.bos, steps.IDS.eos)
+  if "legacy" in compare:
+    contenders["legacy"] = steps.CapjaxStep(config_lib.load(
+        args.config, overrides + ["--config.model.matmul_policy=legacy"]))
   for step in contenders.values():
     step.init(batch)
   compile_s = compile_all(contenders)
@@ -110,7 +120,7 @@ def main(argv=None):
   peak, source = flops.peak_flops_per_device()
   devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   print(f"config {args.config} {' '.join(overrides)} | devices {devices} | batch {b} | "
-        f"dtype {config.dtype}")
+        f"dtype {config.dtype} | model.matmul_policy {config.model.get('matmul_policy')}")
   print(f"model {flop_per_step / b / 1e9:.3f} GFLOP per example (train, analytic); "
         f"roofline {roof_flops / 1e9:.1f} GFLOP/s (bf16 {n}x{n} matmul, best of "
         f"{len(roof)}), {roof_cpu_flops / 1e9:.1f} GFLOP per CPU-second (median); "
@@ -133,14 +143,18 @@ def main(argv=None):
           f"{cpu * 1e3:>8.1f} {mfu_cpu:>7.3f}")
   print("MFU against the float32 matmul: " + ", ".join(
       f"{name} {mfu[name] * roof_flops / f32_flops:.3f}" for name in contenders))
-  clip = ex_s.get("clipjax", float("nan"))
-  ratio = ex_s["capjax"] / clip if "clipjax" in ex_s else float("nan")
-  if "clipjax" in ex_s:
-    cpu_ratio = (statistics.median(c for _, c in times["clipjax"])
-                 / statistics.median(c for _, c in times["capjax"]))
-    print(f"capjax / clip-jax examples/s: {ratio:.3f} (wall), {cpu_ratio:.3f} (CPU time)")
+  nan = float("nan")
+  ratios = {}
+  for name in ("clipjax", "legacy"):
+    if name in ex_s:
+      ratios[name] = ex_s["capjax"] / ex_s[name]
+      cpu_ratio = (statistics.median(c for _, c in times[name])
+                   / statistics.median(c for _, c in times["capjax"]))
+      print(f"capjax / {name} examples/s: {ratios[name]:.3f} (wall), {cpu_ratio:.3f} (CPU time)")
   print(f"RESULT mfu={mfu['capjax']:.4f} capjax_ex_s={ex_s['capjax']:.2f} "
-        f"clipjax_ex_s={clip:.2f} ratio={ratio:.4f}")
+        f"clipjax_ex_s={ex_s.get('clipjax', nan):.2f} ratio={ratios.get('clipjax', nan):.4f} "
+        f"legacy_ex_s={ex_s.get('legacy', nan):.2f} "
+        f"ratio_legacy={ratios.get('legacy', nan):.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Small shared fixtures for tests: a tiny shapes config."""
+"""Small shared fixtures for tests: a tiny shapes config, a random vocabulary head."""
+
+import jax
 
 from capjax import config as config_lib
 
@@ -33,3 +35,13 @@ def optimizer(config):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from capjax.optim import factory  # pylint: disable=g-import-not-at-top
   return factory.make_optimizer(config, nn.get_partition_spec(abstract_params(config)))
+
+
+def random_head(params, seed: int = 0):
+  """params with a random vocabulary projection: the model initialises it to zero, which
+  makes a fresh model's logits (and every other param's gradient) independent of its input."""
+  kernel = params["decoder"]["logits"]["kernel"]
+  fan_in = kernel.shape[0]
+  decoder = {**params["decoder"], "logits": {"kernel": jax.random.normal(
+      jax.random.key(seed), kernel.shape, kernel.dtype) / fan_in**0.5}}
+  return {**params, "decoder": decoder}

@@ -9,14 +9,16 @@ import pytest
 from capjax import config as config_lib, objectives
 from capjax.tasks import cappa as cappa_task
 from tests import helpers
-from tests.helpers import tiny_config
+from tests.helpers import random_head, tiny_config
 
 MASK_ID, PAD_ID = 4, 0
 
 
 def _init(config):
+  """The model and params with a random vocabulary head (it starts at zero, which would
+  hide every input's effect on the logits)."""
   task = helpers.task(config)
-  return task.model, nn.meta.unbox(task.init_params(jax.random.key(0)))
+  return task.model, random_head(nn.meta.unbox(task.init_params(jax.random.key(0))))
 
 
 def _batch(config, b=4, seed=0):

@@ -4,17 +4,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from capjax import objectives
 from capjax.tasks import cappa as cappa_task
 from capjax.models import cappa as cappa_model, layers
 from tests import helpers
-from tests.helpers import tiny_config
+from tests.helpers import random_head, tiny_config
 
 
 def _init(config):
   task = helpers.task(config)
-  return task.model, nn.meta.unbox(task.init_params(jax.random.key(0)))
+  # the head starts at zero: logits would not compare
+  return task.model, random_head(nn.meta.unbox(task.init_params(jax.random.key(0))))
 
 
 def _inputs(config, b=3):
@@ -37,9 +39,10 @@ def test_fused_projections_keep_logical_axes():
   assert layer["mlp"]["wi"]["kernel"].value.shape == (m.dec_depth, m.width, 2, m.mlp_dim)
 
 
-def test_fused_attention_matches_explicit_weights():
-  """jax.nn.dot_product_attention (default) == the explicit path that sows weights."""
-  config = tiny_config()
+@pytest.mark.parametrize("policy", layers.MATMUL_POLICIES)
+def test_fused_attention_matches_explicit_weights(policy):
+  """The training path (legacy: jax.nn.dot_product_attention) == the path that sows weights."""
+  config = tiny_config(**{"model.matmul_policy": policy})
   model, params = _init(config)
   images, tokens = _inputs(config)
   length = tokens.shape[1]

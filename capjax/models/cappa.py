@@ -22,15 +22,17 @@ class CapPa(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.bfloat16
   scan_unroll: int = 1  # blocks per scan iteration (model.scan_unroll, default 1)
+  matmul_policy: str = "f32_accum"  # layers.MATMUL_POLICIES (model.matmul_policy)
 
   def setup(self):
     self.encoder = vit.ViT(
         self.patch_size, self.width, self.enc_depth, self.mlp_dim, self.num_heads,
-        self.num_registers, self.remat_policy, self.dtype, self.scan_unroll)
+        self.num_registers, self.remat_policy, self.dtype, self.scan_unroll,
+        self.matmul_policy)
     self.decoder = decoder.Decoder(
         self.vocab_size, self.max_len, self.dec_width or self.width, self.dec_depth,
         self.dec_mlp_dim or self.mlp_dim, self.num_heads, self.remat_policy, self.dtype,
-        self.scan_unroll)
+        self.scan_unroll, self.matmul_policy)
 
   def encode(self, images_BxHxWxC):
     return self.encoder(images_BxHxWxC)
@@ -49,4 +51,5 @@ def from_config(config: ml_collections.ConfigDict) -> CapPa:
       enc_depth=m.enc_depth, dec_depth=m.dec_depth, mlp_dim=m.mlp_dim, num_heads=m.num_heads,
       num_registers=m.num_registers, dec_width=m.dec_width or None,
       dec_mlp_dim=m.dec_mlp_dim or None, remat_policy=m.remat_policy,
-      dtype=jnp.dtype(config.dtype), scan_unroll=m.scan_unroll)
+      dtype=jnp.dtype(config.dtype), scan_unroll=m.scan_unroll,
+      matmul_policy=layers.check_matmul_policy(m.matmul_policy))

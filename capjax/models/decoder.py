@@ -10,23 +10,30 @@ class DecoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: layers.Dtype = jnp.bfloat16
+  matmul_policy: str = "f32_accum"
 
   @nn.compact
   def __call__(self, x_BxLxD, enc_BxSxD, self_mask_Bx1xLxL):
     x_BxLxD = layers.constrain(x_BxLxD, ("act_batch", "act_len", "act_embed"))
     h = layers.RMSNorm(self.dtype, name="self_norm_pre")(x_BxLxD)
-    h = layers.Attention(self.num_heads, self.dtype, name="self_attention")(
+    h = layers.Attention(self.num_heads, self.dtype, self.matmul_policy, name="self_attention")(
         h, mask_Bx1xLxS=self_mask_Bx1xLxL)
     x_BxLxD = x_BxLxD + layers.RMSNorm(self.dtype, name="self_norm_post")(h)
     h = layers.RMSNorm(self.dtype, name="cross_norm_pre")(x_BxLxD)
-    h = layers.Attention(self.num_heads, self.dtype, name="cross_attention")(h, enc_BxSxD)
+    h = layers.Attention(self.num_heads, self.dtype, self.matmul_policy,
+                         name="cross_attention")(h, enc_BxSxD)
     x_BxLxD = x_BxLxD + layers.RMSNorm(self.dtype, name="cross_norm_post")(h)
-    x_BxLxD = x_BxLxD + layers.GeGLU(self.mlp_dim, self.dtype, name="mlp")(x_BxLxD)
+    x_BxLxD = x_BxLxD + layers.GeGLU(
+        self.mlp_dim, self.dtype, self.matmul_policy, name="mlp")(x_BxLxD)
     return x_BxLxD, None
 
 
 class Decoder(nn.Module):
-  """Tokens + image tokens -> float32 logits. Bias only on the vocabulary projection."""
+  """Tokens + image tokens -> float32 logits. Bias only on the vocabulary projection.
+
+  The vocabulary projection starts at zero (as big_vision's and clip-jax's CapPa), so a
+  fresh model predicts the uniform distribution: its loss is ln(vocab_size).
+  """
   vocab_size: int
   max_len: int
   width: int
@@ -36,6 +43,7 @@ class Decoder(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.bfloat16
   scan_unroll: int = 1
+  matmul_policy: str = "f32_accum"
 
   @nn.compact
   def __call__(self, tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL):
@@ -52,12 +60,16 @@ class Decoder(nn.Module):
     x_BxLxD = x_BxLxD + pos_LxD[:length].astype(self.dtype)
     blocks = layers.scan_blocks(
         DecoderBlock, self.depth, self.remat_policy, 2, self.scan_unroll)
-    x_BxLxD, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="layers")(
+    x_BxLxD, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, self.matmul_policy,
+                        name="layers")(
         x_BxLxD, enc_BxSxD.astype(self.dtype), self_mask_Bx1xLxL)
     x_BxLxD = layers.RMSNorm(self.dtype, name="final_norm")(x_BxLxD)
+    # Loss and softmax in float32, and the logits are not rounded to bf16 on the way: the
+    # scores of zero-shot and compositional evals compare them.
     logits_BxLxV = layers.Dense(
-        (self.vocab_size,), ("embed", "vocab"), dtype=self.dtype, name="logits")(x_BxLxD)
+        (self.vocab_size,), ("embed", "vocab"), dtype=self.dtype,
+        matmul_policy=self.matmul_policy, out_dtype=jnp.float32, zero_init=True,
+        name="logits")(x_BxLxD)
     bias_V = self.param("logits_bias", nn.with_logical_partitioning(
         nn.initializers.zeros, ("vocab",)), (self.vocab_size,), jnp.float32)
-    # Loss and softmax in float32.
-    return logits_BxLxV.astype(jnp.float32) + bias_V
+    return logits_BxLxV + bias_V

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from capjax import config as config_lib, decode, objectives, tasks
-from capjax.models import cappa as cappa_model
+from capjax.models import cappa as cappa_model, layers
 from capjax.tasks import base
 
 
@@ -96,6 +96,10 @@ class CapPa(base.Task):
     config_lib.check_range("model.max_len", m.max_len, 2)
     config_lib.check_range("model.num_registers", m.num_registers, 0)
     config_lib.check_range("objective.masked_pred_prob", config.objective.masked_pred_prob, 0, 1)
+    try:
+      layers.check_matmul_policy(m.matmul_policy)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
     if config.objective.loss_normalization not in objectives.LOSS_NORMALIZATIONS:
       raise config_lib.ConfigError(
           f"objective.loss_normalization={config.objective.loss_normalization!r}; expected one "
