@@ -194,7 +194,8 @@ def base() -> ml_collections.ConfigDict:
                  enc_depth=12, dec_depth=6, mlp_dim=2048, num_heads=12, num_registers=8,
                  dec_width=0, dec_mlp_dim=0,  # decoder's own sizes; 0: width, mlp_dim
                  remat_policy="none", scan_unroll=1,  # blocks per scan iteration
-                 matmul_policy="f32_accum")  # f32_accum | legacy (capjax/models/layers.py)
+                 matmul_policy="f32_accum",  # f32_accum | legacy (capjax/models/layers.py)
+                 head_init="zeros")  # zeros (big_vision, clip-jax: initial loss ln V) | fan_in
   c.data = dict(
       name="shapes", dir="", image_size=224, num_threads=2, prefetch=8, num_workers=0,
       resize="center_crop",  # center_crop | letterbox | random_resized_crop (train only)

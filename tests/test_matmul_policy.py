@@ -132,7 +132,7 @@ def test_param_gradients_are_float32(shapes_tiny_runs):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_fresh_model_loss_is_log_vocab_size(dtype):
-  config = tiny_config(dtype=dtype)
+  config = tiny_config(dtype=dtype, **{"model.head_init": "zeros"})  # the references' init
   model = cappa_model.from_config(config)
   params = _params(config)
   assert not np.any(np.asarray(params["decoder"]["logits"]["kernel"]))
@@ -140,6 +140,8 @@ def test_fresh_model_loss_is_log_vocab_size(dtype):
   loss = cappa_task.captioning_loss(
       model.apply, {"params": params}, images.astype(dtype), tokens, pad_id=PAD_ID)
   assert abs(float(loss) - math.log(config.model.vocab_size)) < 1e-4
+  fan_in = _params(tiny_config(dtype=dtype, **{"model.head_init": "fan_in"}))
+  assert np.all(np.abs(np.asarray(fan_in["decoder"]["logits"]["kernel"])) > 0)
 
 
 def test_vocabulary_logits_are_not_rounded_to_bf16():

@@ -23,6 +23,7 @@ class CapPa(nn.Module):
   dtype: layers.Dtype = jnp.bfloat16
   scan_unroll: int = 1  # blocks per scan iteration (model.scan_unroll, default 1)
   matmul_policy: str = "f32_accum"  # layers.MATMUL_POLICIES (model.matmul_policy)
+  zero_head: bool = True  # model.head_init == "zeros"
 
   def setup(self):
     self.encoder = vit.ViT(
@@ -32,7 +33,7 @@ class CapPa(nn.Module):
     self.decoder = decoder.Decoder(
         self.vocab_size, self.max_len, self.dec_width or self.width, self.dec_depth,
         self.dec_mlp_dim or self.mlp_dim, self.num_heads, self.remat_policy, self.dtype,
-        self.scan_unroll, self.matmul_policy)
+        self.scan_unroll, self.matmul_policy, self.zero_head)
 
   def encode(self, images_BxHxWxC):
     return self.encoder(images_BxHxWxC)
@@ -52,4 +53,5 @@ def from_config(config: ml_collections.ConfigDict) -> CapPa:
       num_registers=m.num_registers, dec_width=m.dec_width or None,
       dec_mlp_dim=m.dec_mlp_dim or None, remat_policy=m.remat_policy,
       dtype=jnp.dtype(config.dtype), scan_unroll=m.scan_unroll,
-      matmul_policy=layers.check_matmul_policy(m.matmul_policy))
+      matmul_policy=layers.check_matmul_policy(m.matmul_policy),
+      zero_head=m.head_init == "zeros")

@@ -44,6 +44,7 @@ class Decoder(nn.Module):
   dtype: layers.Dtype = jnp.bfloat16
   scan_unroll: int = 1
   matmul_policy: str = "f32_accum"
+  zero_head: bool = True  # the vocabulary projection starts at zero (model.head_init)
 
   @nn.compact
   def __call__(self, tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL):
@@ -68,7 +69,7 @@ class Decoder(nn.Module):
     # scores of zero-shot and compositional evals compare them.
     logits_BxLxV = layers.Dense(
         (self.vocab_size,), ("embed", "vocab"), dtype=self.dtype,
-        matmul_policy=self.matmul_policy, out_dtype=jnp.float32, zero_init=True,
+        matmul_policy=self.matmul_policy, out_dtype=jnp.float32, zero_init=self.zero_head,
         name="logits")(x_BxLxD)
     bias_V = self.param("logits_bias", nn.with_logical_partitioning(
         nn.initializers.zeros, ("vocab",)), (self.vocab_size,), jnp.float32)

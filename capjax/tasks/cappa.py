@@ -96,6 +96,9 @@ class CapPa(base.Task):
     config_lib.check_range("model.max_len", m.max_len, 2)
     config_lib.check_range("model.num_registers", m.num_registers, 0)
     config_lib.check_range("objective.masked_pred_prob", config.objective.masked_pred_prob, 0, 1)
+    if m.head_init not in ("zeros", "fan_in"):
+      raise config_lib.ConfigError(
+          f"model.head_init={m.head_init!r}; expected 'zeros' or 'fan_in'.")
     try:
       layers.check_matmul_policy(m.matmul_policy)
     except ValueError as e:
