@@ -27,6 +27,7 @@ class Setup:
   abstract_boxed_params: Any  # params' shapes with their logical axes
   state_shardings: trainer.TrainState
   batch_sharding: jax.sharding.NamedSharding
+  batch_keys: tuple[str, ...]  # what the task reads of a pipeline batch
   train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable  # jitted (params, numpy batch) -> validation loss
 
@@ -60,8 +61,8 @@ class Setup:
 
   def global_batch(self, local_batch: dict) -> dict:
     """This process's numpy batch -> global arrays; only the task's batch keys."""
-    keys = self.task.batch_spec(1).keys()
-    return sharding.global_batch({k: local_batch[k] for k in keys}, self.batch_sharding)
+    return sharding.global_batch({k: local_batch[k] for k in self.batch_keys},
+                                 self.batch_sharding)
 
 
 def assemble(config, special_ids, mesh=None, wrap_optimizer=None) -> Setup:
@@ -83,6 +84,6 @@ def assemble(config, special_ids, mesh=None, wrap_optimizer=None) -> Setup:
     train_step = jax.jit(trainer.make_train_step(task, optimizer, config, trainable),
                          in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    eval_step = jax.jit(trainer.make_eval_step(task))  # eval batches are host numpy
+    eval_step = jax.jit(task.eval_loss)  # eval batches are host numpy
   return Setup(config, mesh, rules, task, optimizer, trainable, boxed, state_sh, batch_sh,
-               train_step, eval_step)
+               tuple(task.batch_spec(1)), train_step, eval_step)

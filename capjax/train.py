@@ -67,7 +67,7 @@ def evaluate(run: setup_lib.Setup, params, tok):
   losses, samples = [], []
   for batch in pipeline.eval_batches(config, tok, "val", config.eval.num_examples,
                                      config.eval.batch_size):
-    losses.append(float(run.eval_step(params, {k: batch[k] for k in run.task.batch_spec(1)})))
+    losses.append(float(run.eval_step(params, {k: batch[k] for k in run.batch_keys})))
     if generate is not None and len(samples) < config.eval.num_captions:
       n = config.eval.num_captions - len(samples)
       out = generate(params, batch["image"][:n])

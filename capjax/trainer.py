@@ -1,4 +1,4 @@
-"""Train state, its sharded creation, and the train / eval steps (pure functions of a task).
+"""Train state, its sharded creation, and the train step (a pure function of a task).
 
 Nothing here names a model family: the loss, inputs and trainable params come from the task
 (`capjax/tasks/`); `capjax/setup.py` assembles and jits these.
@@ -88,8 +88,3 @@ def make_train_step(task, optimizer, config, trainable=None):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
-
-
-def make_eval_step(task):
-  """(params, batch) -> the task's validation loss."""
-  return task.eval_loss

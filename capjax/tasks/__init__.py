@@ -22,11 +22,6 @@ def _import_builtin():
   from capjax.tasks import cappa  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
-def names() -> list[str]:
-  _import_builtin()
-  return sorted(_TASKS)
-
-
 def _lookup(name: str) -> type[Task]:
   _import_builtin()
   if name not in _TASKS:

@@ -21,6 +21,14 @@ def normalize_images(images_uint8, dtype):
   return (images_uint8.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
 
 
+def caption_batch_spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """What the input pipeline yields for captioning: uint8 images and `[BOS .. EOS PAD ..]`
+  token rows of `model.max_len + 1`."""
+  s, length = config.data.image_size, config.model.max_len
+  return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
+          "tokens": jax.ShapeDtypeStruct((batch_size, length + 1), jnp.int32)}
+
+
 class Task(abc.ABC):
   """One model family. Subclasses implement the abstract methods; `self.model` is built once."""
 

@@ -120,9 +120,7 @@ class CapPa(base.Task):
     return cappa_model.from_config(self.config)
 
   def batch_spec(self, batch_size):
-    s, length = self.config.data.image_size, self.config.model.max_len
-    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
-            "tokens": jax.ShapeDtypeStruct((batch_size, length + 1), jnp.int32)}
+    return base.caption_batch_spec(self.config, batch_size)
 
   def init_inputs(self):
     s, length = self.config.data.image_size, self.config.model.max_len
