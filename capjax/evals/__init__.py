@@ -11,7 +11,7 @@ import inspect
 
 from capjax import config as config_lib
 
-_MODULES = ("attributes",)  # each registers its evaluators when imported
+_MODULES = ("attributes", "siglit")  # each registers its evaluators when imported
 _EVALS = {}
 
 
