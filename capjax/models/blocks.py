@@ -267,7 +267,7 @@ def embed_inputs(embedding_VxD, tokens_BxL, embeds_BxPxD, dtype):
                        f"{embedding_VxD.shape[-1]}.")
     parts.append(embeds_BxPxD.astype(dtype))
   if tokens_BxL is not None:
-    parts.append(jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype))
+    parts.append(jnp.take(embedding_VxD, jnp.asarray(tokens_BxL), axis=0).astype(dtype))
   if not parts:
     raise ValueError("Pass tokens_BxL, embeds_BxPxD or both.")
   return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
