@@ -152,3 +152,16 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
   half = _apply(LMS[name](dtype=jnp.bfloat16))(params, tokens_BxL)
   assert half.dtype == jnp.float32
   np.testing.assert_allclose(half, full, atol=0.05 * float(jnp.abs(full).max()))
+
+
+def test_f32_accum_gradients_equal_plain_autodiff_through_grouped_attention():
+  module = LMS["llama_gqa"]()
+  params, tokens_BxL = _params(module), _tokens()
+
+  def grads(policy):
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(
+        LMS["llama_gqa"](matmul_policy=policy).apply(p, tokens_BxL))[..., 0])
+    return jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+               grads("f32_accum"), grads("legacy"))
