@@ -91,7 +91,9 @@ def save_converted(src, dst) -> tuple[str, dict]:
           for k, v in traverse_util.flatten_dict(params).items()}
   safetensors_numpy.save_file(flat, dst / CONVERTED_PARAMS)
   hf_config = json.loads((src / "config.json").read_text())
-  meta = {"family": family, "config": config, "architecture": _architecture(hf_config, src)}
+  # The source's config rides along: its special token ids (bos, eos, pad) are for the tasks.
+  meta = {"family": family, "config": config, "architecture": _architecture(hf_config, src),
+          "hf_config": hf_config}
   (dst / CONVERTED_JSON).write_text(json.dumps(meta, indent=2) + "\n")
   for extra in src.iterdir():  # tokenizer.json, vocab.json, merges.txt, preprocessor_config...
     if extra.is_file() and extra.suffix in (".json", ".txt", ".model") and not (
