@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow test-hf lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The Hugging Face import checked against torch (the test-hf extra: torch CPU + transformers).
+test-hf: install
+	$(PY) -m pip install -q -e '.[dev,test-hf]'
+	$(PY) -m pytest -q tests/test_hf.py
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from capjax import checkpoint, train, trained, workdir as workdir_lib
@@ -79,15 +80,27 @@ def test_a_state_with_non_finite_values_is_damage(tmp_path, setup, caplog):
   assert (tmp_path / "2.corrupt").is_dir()
 
 
-def test_truncated_files_fall_back_without_a_flood_of_event_loop_errors(tmp_path, setup, capfd):
+def test_truncated_files_fall_back_without_a_flood_of_event_loop_errors(tmp_path, setup, capfd,
+                                                                       monkeypatch):
   # Before checksums, orbax failed mid-read on these, leaving tensorstore reads that later
-  # called back into a closed asyncio loop: "RuntimeError: Event loop is closed" tracebacks.
+  # called back into a closed asyncio loop: "RuntimeError: Event loop is closed" tracebacks
+  # (timing-dependent, so the test also checks the cause: orbax never reads a damaged step).
+  read_by_orbax = []
+  orbax_restore = ocp.CheckpointManager.restore
+
+  def spy(manager, step, *args, **kwargs):
+    read_by_orbax.append(step)
+    return orbax_restore(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", spy)
   for name in ("meta/metadata", "state/_sharding", "state/manifest.ocdbt"):
     directory = tmp_path / name.replace("/", "_")
     save_steps(directory, setup.state, [1, 2])
     truncate(directory / "2" / name)
+    read_by_orbax.clear()
     assert setup.restore(directory)[1] == 1
     assert sorted(os.listdir(directory)) == ["1", "2.corrupt"]
+    assert 2 not in read_by_orbax and 1 in read_by_orbax, (name, read_by_orbax)
   err = capfd.readouterr().err
   assert "Event loop is closed" not in err and "Traceback" not in err
 
