@@ -10,11 +10,14 @@ arrays whose keys and shapes `batch_spec` states.
 """
 
 import abc
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from capjax import config as config_lib
 
 
 def normalize_images(images_uint8, dtype):
@@ -28,6 +31,66 @@ def caption_batch_spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruc
   s, length = config.data.image_size, config.model.max_len
   return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
           "tokens": jax.ShapeDtypeStruct((batch_size, length + 1), jnp.int32)}
+
+
+def get_key(config, key: str):
+  """config["a.b.c"] for a dotted key."""
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def with_values(config, values: dict, origin: str):
+  """A copy of `config` with `values` ({dotted key: value}) set, validated and locked; what
+  changed is printed once (naming `origin`). `config` itself when nothing changes."""
+  changed = {k: v for k, v in values.items() if get_key(config, k) != v}
+  if not changed:
+    return config
+  config = config.copy_and_resolve_references()
+  for key, value in changed.items():
+    *parents, leaf = key.split(".")
+    node = get_key(config, ".".join(parents))
+    with node.ignore_type():
+      node[leaf] = value
+  config_lib.validate(config)
+  config.lock()
+  if jax.process_index() == 0:
+    print(f"{config.task}: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()),
+          file=sys.stderr)
+  return config
+
+
+def resumed_config(workdir: str):
+  """The config of the run's newest checkpoint in `workdir` (a resumed run), or None."""
+  from capjax import trained, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not workdir_lib.checkpoints(workdir).exists():
+    return None
+  try:
+    return trained.saved_config(workdir)[0]
+  except FileNotFoundError:  # an empty checkpoints folder
+    return None
+
+
+def install_tokenizer(config, workdir: str, wanted: bytes, source: str):
+  """Puts a pretrained source's tokenizer (the file's bytes) where the run reads its tokenizer;
+  refuses a different one already there, or a `tokenizer.path` that is not it (one line)."""
+  from capjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return  # the trainer syncs the processes before anyone reads it
+  target = workdir_lib.tokenizer(workdir, config)
+  if target.exists() and target.read_bytes() != wanted:
+    where = (f"tokenizer.path={config.tokenizer.path}" if config.tokenizer.path else str(target))
+    raise config_lib.ConfigError(
+        f"{where} is not the tokenizer of {source}; a run reads its captions with that "
+        "tokenizer: use a new --workdir and leave tokenizer.path empty.")
+  if not target.exists():
+    if config.tokenizer.path:
+      raise config_lib.ConfigError(
+          f"tokenizer.path={config.tokenizer.path} does not exist; this run uses the tokenizer "
+          f"of {source}: leave tokenizer.path empty.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(wanted)
 
 
 class Task(abc.ABC):
