@@ -286,12 +286,14 @@ class PrefixLMTask(base.Task):
   def _lm_values(cls, source: str) -> tuple[dict, bytes]:
     try:
       family, module_config, hf_config = hf.describe(source)
+      if family not in LM_FAMILIES:
+        raise config_lib.ConfigError(f"init.lm={source} holds a {family} model; "
+                                     f"{cls.__name__} takes one of {LM_FAMILIES}.")
       tokenizer = tokenizer_lib.hf_tokenizer_file(source, hf_config)
+    except config_lib.ConfigError:
+      raise
     except ValueError as e:  # TokenizerError is one
       raise config_lib.ConfigError(f"init.lm={source}: {e}") from None
-    if family not in LM_FAMILIES:
-      raise config_lib.ConfigError(f"init.lm={source} holds a {family} model; "
-                                   f"{cls.__name__} takes one of {LM_FAMILIES}.")
     values = {"model.lm.family": family, "model.vocab_size": module_config["vocab_size"],
               **{f"model.lm.{k}": module_config[k] for k in LM_KEYS[family]}}
     return values, tokenizer
