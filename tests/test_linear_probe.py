@@ -1,0 +1,192 @@
+"""Linear probes: the ridge / logistic math on numbers, and the evaluator on tiny models."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from capjax import evaluate, sharding, train, trained as trained_lib
+from capjax.data import synthetic, tokenizer as tokenizer_lib
+from capjax.evals import linear_probe as lp
+from tests import helpers
+
+
+def test_ridge_weights_solve_the_regularised_least_squares_system():
+  rng = np.random.default_rng(0)
+  for n, d in ((40, 6), (5, 12)):  # both branches: XᵀX (N >= D) and XXᵀ (N < D)
+    x, y = rng.normal(size=(n, d)), rng.normal(size=(n, 3))
+    for l2 in (0.5, 8.0):
+      augmented_x = np.concatenate([x, np.sqrt(l2) * np.eye(d)])
+      augmented_y = np.concatenate([y, np.zeros((d, 3))])
+      expected = np.linalg.lstsq(augmented_x, augmented_y, rcond=None)[0]
+      np.testing.assert_allclose(lp.ridge_weights(lp.ridge_solver(x, y), l2), expected,
+                                 rtol=1e-8, atol=1e-10)
+
+
+def test_design_matrix_z_scores_with_the_fitting_sets_stats_and_adds_the_bias_feature():
+  x = np.asarray([[1.0, 10.0], [3.0, 10.0], [5.0, 10.0]])
+  mean, std = lp.standardiser(x)
+  np.testing.assert_allclose(mean, [3.0, 10.0])
+  design = lp.design_matrix(x, mean, std)
+  np.testing.assert_allclose(design[:, 0], [-1.2247, 0.0, 1.2247], atol=1e-4)
+  np.testing.assert_allclose(design[:, 1], 0.0)  # a constant feature: std 0 (+1e-5), no NaN
+  np.testing.assert_allclose(design[:, 2], lp.BIAS_CONSTANT)
+  np.testing.assert_array_equal(lp.ridge_targets(np.asarray([2, 0]), 3),
+                                [[-1, -1, 1], [1, -1, -1]])
+
+
+def separable(n_per_class=30, num_classes=3, dim=8, noise_seed=1):
+  """Well separated Gaussian clusters (fixed centres; `noise_seed` draws the points)."""
+  centres = 6.0 * np.random.default_rng(0).normal(size=(num_classes, dim))
+  labels = np.repeat(np.arange(num_classes), n_per_class)
+  noise = np.random.default_rng(noise_seed).normal(size=(len(labels), dim))
+  return (centres[labels] + noise).astype(np.float32), labels
+
+
+def test_separable_toy_data_gets_every_probe_to_100_percent():
+  x, y = separable()
+  x_test, y_test = separable(noise_seed=2)
+  result = lp.probe_features(x, y, x_test, y_test, 3, shots=(1, 5), seeds=2,
+                             heldout_fraction=0.2)
+  for key in ("1shot", "5shot", "full", "logistic"):
+    assert result[key] == 1.0, (key, result)
+  assert result["l2"]["full"] in lp.L2_GRID and result["weight_decay"] in lp.WEIGHT_DECAYS
+
+
+def test_logistic_fit_reaches_the_regularised_optimum():
+  x, y = separable(n_per_class=20, dim=4)
+  z = (x - x.mean(0)) / x.std(0)
+  fitted = lp.logistic_fit(z, y, 3, [0.1, 1.0])
+  for k, wd in enumerate((0.1, 1.0)):
+    params = jax.tree.map(lambda a, k=k: a[k], fitted)
+    grad = jax.grad(lp.logistic_loss)(params, z, y, wd)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grad)) < 1e-3
+  # More weight decay, smaller weights.
+  assert np.linalg.norm(fitted["w"][1]) < np.linalg.norm(fitted["w"][0])
+
+
+def test_sample_shots_draws_k_per_class_from_that_class():
+  labels = np.asarray([0, 1, 2, 0, 1, 0, 0, 1, 0])
+  idx = lp.sample_shots(labels, 2, 3, np.random.default_rng(0))
+  assert sorted(labels[idx].tolist()) == [0, 0, 1, 1, 2]  # class 2 has only one
+  assert len(set(idx.tolist())) == 5
+  np.testing.assert_array_equal(idx, lp.sample_shots(labels, 2, 3, np.random.default_rng(0)))
+  draws = {tuple(lp.sample_shots(labels, 2, 3, np.random.default_rng(s))) for s in range(8)}
+  assert len(draws) > 1
+  fit, held = lp.heldout_split(10, 0.2, np.random.default_rng(0))
+  assert len(held) == 2 and sorted(np.concatenate([fit, held]).tolist()) == list(range(10))
+
+
+def test_ridge_probe_picks_the_regulariser_by_held_out_accuracy():
+  x, y = separable(n_per_class=10, dim=4)
+  x_held, y_held = x[1::2].copy(), y[1::2].copy()
+  y_held[:4] = (y_held[:4] + 1) % 3  # some held-out labels wrong: accuracies below 1
+  best, scores = lp.ridge_probe(x[::2], y[::2], x_held, y_held, 3, grid=(1.0, 4.0, 16.0))
+  for l2, score in scores.items():
+    assert score == lp.ridge_test_accuracy(x[::2], y[::2], x_held, y_held, 3, l2)
+  assert best == 16.0 and len(set(scores.values())) == 1  # ties go to the larger λ
+
+
+def test_pooling_reads_registers_first():
+  tokens = np.zeros((1, 5, 2), np.float32)
+  tokens[0, :2] = 1.0  # two registers
+  tokens[0, 2:] = [[2, 4], [4, 6], [6, 8]]
+  np.testing.assert_array_equal(lp.pool_tokens(tokens, 2, "patches"), [[4, 6]])
+  np.testing.assert_array_equal(lp.pool_tokens(tokens, 2, "registers"), [[1, 1]])
+  np.testing.assert_array_equal(lp.pool_tokens(tokens, 2, "both"), [[4, 6, 1, 1]])
+
+
+# ------------------------------------------------------------------------------- evaluator
+
+
+def untrained(tmp_path, **overrides):
+  """A Trained without params, with a word tokenizer trained on shapes captions."""
+  config = helpers.tiny_config(**overrides)
+  source = synthetic.ShapesSource("train", 200, image_size=32)
+  tok = tokenizer_lib.train((c for i in range(200) for c in source[i]["captions"]),
+                            str(tmp_path / "tok.model"), 64, "word")
+  return trained_lib.Trained(config, helpers.task(config), {}, tok, 0)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+  """Params drawn in NumPy with the model's shapes (compiling the model's init takes longer)."""
+  model = untrained(tmp_path_factory.mktemp("tok"))
+  rng = np.random.default_rng(0)
+  shapes = sharding.unbox_shapes(helpers.abstract_params(model.config))
+  params = jax.tree.map(lambda s: (0.2 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+  return dataclasses.replace(model, params=params)
+
+
+def write_class_folders(root, split, num_per_class, image_size=32, offset=0):
+  """Single-object shapes scenes as PNG files in `root/split/<shape>/`; returns the count."""
+  source = synthetic.ShapesSource("train" if split == "train" else "test", 4000,
+                                  image_size=image_size)
+  written = {s: 0 for s in synthetic.SHAPES}
+  for i in range(offset, 4000):
+    record = source[i]
+    if record["attributes"]["count"] != 1:
+      continue
+    shape = record["attributes"]["objects"][0]["shape"]
+    if written[shape] < num_per_class:
+      os.makedirs(root / split / shape, exist_ok=True)
+      Image.fromarray(record["image"]).save(root / split / shape / f"{i}.png")
+      written[shape] += 1
+    if min(written.values()) == num_per_class:
+      break
+  return sum(written.values())
+
+
+def test_evaluator_on_an_image_folder_prints_every_probe_and_a_plot(random_model, tmp_path,
+                                                                    capsys):
+  model = random_model
+  write_class_folders(tmp_path / "folder", "train", 12)
+  write_class_folders(tmp_path / "folder", "test", 4)
+  config = model.config.copy_and_resolve_references()
+  config.data.update(name="imagefolder", dir=str(tmp_path / "folder"))
+  model = dataclasses.replace(model, config=config)
+  metrics = lp.linear_probe(model, shots=(1, 5), seeds=1, baseline=False,
+                            plot=str(tmp_path / "probe.png"))
+  row = metrics["label_sets"]["class"]
+  assert row["classes"] == 4 and row["num_train"] == 48 and row["num_test"] == 16
+  assert set(row["trained"]) == {"1shot", "5shot", "full", "logistic", "l2", "weight_decay"}
+  assert all(0.0 <= row["trained"][k] <= 1.0 for k in ("1shot", "5shot", "full", "logistic"))
+  assert row["chance"] == 0.25
+  assert "linear_probe class: 4 classes" in capsys.readouterr().err
+  assert Image.open(tmp_path / "probe.png").size[0] > 100
+  json.dumps(metrics)  # one JSON object
+
+
+def test_pooling_without_registers_is_a_one_line_error(tmp_path):
+  model = untrained(tmp_path, **{"model.num_registers": 0})
+  with pytest.raises(ValueError, match="needs registers"):
+    lp.linear_probe(model, pooling="registers")
+  with pytest.raises(ValueError, match="expected one of"):
+    lp.linear_probe(model, pooling="cls")
+
+
+@pytest.mark.slow
+def test_trained_encoder_beats_random_on_shapes_and_on_an_image_folder(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  config = helpers.tiny_config(**{"train.num_steps": 150, "checkpoint.every": 150,
+                                  "eval.every": 0, "schedule.warmup_steps": 10})
+  train.train(config, str(workdir))
+  capsys.readouterr()
+  evaluate.main([f"--workdir={workdir}", "--eval=linear_probe", "--num_train=600",
+                 "--num_test=300", "--shots=[5,25]", "--seeds=2"])
+  metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  for name in ("shape", "colour"):
+    row = metrics["label_sets"][name]
+    assert row["trained"]["full"] > row["chance"] + 0.2, row
+    assert row["trained"]["full"] > row["random"]["full"], row
+  folder = tmp_path / "folder"
+  write_class_folders(folder, "train", 40)
+  write_class_folders(folder, "test", 15)
+  evaluate.main([f"--workdir={workdir}", "--eval=linear_probe", "--data.name=imagefolder",
+                 f"--data.dir={folder}", "--shots=[5]", "--seeds=2"])
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label_sets"]["class"]
+  assert row["classes"] == 4 and row["trained"]["full"] > row["chance"] + 0.2, row
