@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import evaluate, sharding, train, trained as trained_lib
-from capjax.data import synthetic, tokenizer as tokenizer_lib
+from capjax import evaluate, train
+from capjax.data import synthetic
 from capjax.evals import linear_probe as lp
 from tests import helpers
 
@@ -103,23 +103,14 @@ def test_pooling_reads_registers_first():
 # ------------------------------------------------------------------------------- evaluator
 
 
-def untrained(tmp_path, **overrides):
-  """A Trained without params, with a word tokenizer trained on shapes captions."""
-  config = helpers.tiny_config(**overrides)
-  source = synthetic.ShapesSource("train", 200, image_size=32)
-  tok = tokenizer_lib.train((c for i in range(200) for c in source[i]["captions"]),
-                            str(tmp_path / "tok.model"), 64, "word")
-  return trained_lib.Trained(config, helpers.task(config), {}, tok, 0)
-
-
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory):
   """Params drawn in NumPy with the model's shapes (compiling the model's init takes longer)."""
-  model = untrained(tmp_path_factory.mktemp("tok"))
   rng = np.random.default_rng(0)
-  shapes = sharding.unbox_shapes(helpers.abstract_params(model.config))
-  params = jax.tree.map(lambda s: (0.2 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
-  return dataclasses.replace(model, params=params)
+  config = helpers.tiny_config()
+  model = helpers.untrained(config, tmp_path_factory.mktemp("tok") / "tok.model")
+  return dataclasses.replace(model, params=helpers.filled_params(
+      config, lambda shape: 0.2 * rng.normal(size=shape)))
 
 
 def write_class_folders(root, split, num_per_class, image_size=32, offset=0):
@@ -162,7 +153,8 @@ def test_evaluator_on_an_image_folder_prints_every_probe_and_a_plot(random_model
 
 
 def test_pooling_without_registers_is_a_one_line_error(tmp_path):
-  model = untrained(tmp_path, **{"model.num_registers": 0})
+  model = helpers.untrained(helpers.tiny_config(**{"model.num_registers": 0}),
+                            tmp_path / "tok.model")
   with pytest.raises(ValueError, match="needs registers"):
     lp.linear_probe(model, pooling="registers")
   with pytest.raises(ValueError, match="expected one of"):
