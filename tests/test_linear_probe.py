@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 
 import jax
 import numpy as np
@@ -113,30 +112,11 @@ def random_model(tmp_path_factory):
       config, lambda shape: 0.2 * rng.normal(size=shape)))
 
 
-def write_class_folders(root, split, num_per_class, image_size=32, offset=0):
-  """Single-object shapes scenes as PNG files in `root/split/<shape>/`; returns the count."""
-  source = synthetic.ShapesSource("train" if split == "train" else "test", 4000,
-                                  image_size=image_size)
-  written = {s: 0 for s in synthetic.SHAPES}
-  for i in range(offset, 4000):
-    record = source[i]
-    if record["attributes"]["count"] != 1:
-      continue
-    shape = record["attributes"]["objects"][0]["shape"]
-    if written[shape] < num_per_class:
-      os.makedirs(root / split / shape, exist_ok=True)
-      Image.fromarray(record["image"]).save(root / split / shape / f"{i}.png")
-      written[shape] += 1
-    if min(written.values()) == num_per_class:
-      break
-  return sum(written.values())
-
-
 def test_evaluator_on_an_image_folder_prints_every_probe_and_a_plot(random_model, tmp_path,
                                                                     capsys):
   model = random_model
-  write_class_folders(tmp_path / "folder", "train", 12)
-  write_class_folders(tmp_path / "folder", "test", 4)
+  synthetic.write_class_folders(str(tmp_path / "folder"), "train", 12, image_size=32)
+  synthetic.write_class_folders(str(tmp_path / "folder"), "test", 4, image_size=32)
   config = model.config.copy_and_resolve_references()
   config.data.update(name="imagefolder", dir=str(tmp_path / "folder"))
   model = dataclasses.replace(model, config=config)
@@ -176,8 +156,8 @@ def test_trained_encoder_beats_random_on_shapes_and_on_an_image_folder(tmp_path,
     assert row["trained"]["full"] > row["chance"] + 0.2, row
     assert row["trained"]["full"] > row["random"]["full"], row
   folder = tmp_path / "folder"
-  write_class_folders(folder, "train", 40)
-  write_class_folders(folder, "test", 15)
+  synthetic.write_class_folders(str(folder), "train", 40, image_size=32)
+  synthetic.write_class_folders(str(folder), "test", 15, image_size=32)
   evaluate.main([f"--workdir={workdir}", "--eval=linear_probe", "--data.name=imagefolder",
                  f"--data.dir={folder}", "--shots=[5]", "--seeds=2"])
   row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label_sets"]["class"]
