@@ -50,7 +50,7 @@ def category_accuracy(results: dict, path: str) -> None:
   series = [(encoder, score) for encoder in results for score in ("likelihood", "normalized")
             if score in next(iter(results[encoder].values()))]
   width = 0.8 / max(len(series), 1)
-  fig, ax = plt.subplots(figsize=(1.3 * len(categories) + 2, 3.4))
+  fig, ax = plt.subplots(figsize=(1.3 * len(categories) + 3, 3.4))
   colours = {("trained", "likelihood"): "tab:cyan", ("trained", "normalized"): "tab:blue",
              ("random", "likelihood"): "lightgray", ("random", "normalized"): "tab:gray"}
   for i, (encoder, score) in enumerate(series):
@@ -61,5 +61,5 @@ def category_accuracy(results: dict, path: str) -> None:
   ax.set_xticks(range(len(categories)), categories, rotation=20)
   ax.set_ylim(0, 1.02)
   ax.set_ylabel("accuracy (positive wins)")
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   _save(fig, path)
