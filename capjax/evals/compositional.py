@@ -96,7 +96,7 @@ def load_sugarcrepe(sugarcrepe_dir: str, images_dir: str, image_size: int, resiz
 
 
 def triple_accuracies(trained, images_uint8, triples: dict, reference_uint8,
-                      batch_size: int, chunk: int = 4096) -> dict:
+                      batch_size: int, chunk: int = 1024) -> dict:
   """{category: {"likelihood": accuracy, "normalized": accuracy}} ("normalized" only with
   reference images)."""
   rows = [(i, c) for t in triples.values() for i, p, q in t for c in (p, q)]
@@ -127,24 +127,29 @@ def compositional(trained, *, sugarcrepe_dir: str = "", images_dir: str = "",
                   random_seed: int = 0, seed: int = 0, show: int = 1, plot: str = "",
                   batch_size: int = 256) -> dict:
   """Accuracy per category (likelihood and prior-normalized), trained vs random."""
+  if prior_images < 0 or num_per_category < 0:
+    raise ValueError(f"--prior_images={prior_images} and --num_per_category={num_per_category} "
+                     "must be >= 0.")
   config, skipped = trained.config, {}
   size = config.data.image_size
   if sugarcrepe_dir or images_dir:
     images, triples, skipped = load_sugarcrepe(sugarcrepe_dir, images_dir, size,
                                                config.data.get("resize", "center_crop"),
                                                num_per_category)
-    spaced = np.linspace(0, len(images) - 1, min(prior_images, len(images))).astype(int)
-    reference = images[spaced] if prior_images else images[:0]
+    reference = images[np.linspace(0, len(images) - 1, min(prior_images, len(images))).astype(int)]
   else:
+    if num_per_category == 0:
+      raise ValueError("--num_per_category=0 (every triple) is for SugarCrepe's files; the "
+                       "built-in set needs a number.")
     if config.data.name != "shapes":
       raise ValueError("--eval=compositional's built-in set is made of shapes scenes; for a "
                        f"model trained on data.name={config.data.name} pass --sugarcrepe_dir "
                        "and --images_dir.")
     images, triples = hard_negatives.builtin_set(size, num_per_category, seed,
                                                  config.data.get("seed", 0))
-    val = synthetic.ShapesSource("val", max(prior_images, 1), size, config.data.get("seed", 0))
-    reference = np.stack([val[i]["image"] for i in range(prior_images)]) if prior_images else (
-        images[:0])
+    val = synthetic.ShapesSource("val", prior_images, size, config.data.get("seed", 0))
+    reference = np.asarray([val[i]["image"] for i in range(prior_images)], np.uint8).reshape(
+        prior_images, size, size, 3)
   triples = {c: t for c, t in triples.items() if t}
   for category, items in triples.items():
     for _, p, q in items[:show]:
