@@ -11,7 +11,8 @@ import inspect
 
 from capjax import config as config_lib
 
-_MODULES = ("attributes",)  # each registers its evaluators when imported
+# Each registers its evaluators when imported.
+_MODULES = ("attributes", "linear_probe", "compositional")
 _EVALS = {}
 
 
