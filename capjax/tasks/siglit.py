@@ -56,6 +56,9 @@ def _get(config, key: str):
 
 def _with_values(config, values: dict, origin: str):
   """A copy of `config` with `values` ({dotted key: value}) set, validated and locked."""
+  if jax.process_index() == 0:
+    print(f"siglit: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()),
+          file=sys.stderr)
   changed = {k: v for k, v in values.items() if _get(config, k) != v}
   if not changed:
     return config
@@ -67,9 +70,6 @@ def _with_values(config, values: dict, origin: str):
       node[leaf] = value
   config_lib.validate(config)
   config.lock()
-  if jax.process_index() == 0:
-    print(f"siglit: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()),
-          file=sys.stderr)
   return config
 
 
