@@ -5,8 +5,8 @@ The train step (`capjax/trainer.py`) calls only `train_loss`; validation only `e
 the assembly (`capjax/setup.py`) only `init_params`, `pretrained_params`, `batch_spec`,
 `trainable` and `flops_per_example`; the trainer `prepare_run` once before it builds anything;
 evaluators only `predict_fns()` (as big_vision's evaluators consume a family's predict functions
-and nothing else). Params are a plain pytree; batches are dicts of
-arrays whose keys and shapes `batch_spec` states.
+and nothing else). Params are a plain pytree; batches are dicts of arrays whose keys and shapes
+`batch_spec` states.
 """
 
 import abc
