@@ -203,7 +203,12 @@ def base() -> ml_collections.ConfigDict:
                  dec_width=0, dec_mlp_dim=0,  # decoder's own sizes; 0: width, mlp_dim
                  remat_policy="none", scan_unroll=1,  # blocks per scan iteration
                  matmul_policy="f32_accum",  # f32_accum | legacy (capjax/models/layers.py)
-                 head_init="zeros")  # zeros (big_vision, clip-jax: initial loss ln V) | fan_in
+                 head_init="zeros",  # zeros (big_vision, clip-jax: initial loss ln V) | fan_in
+                 # task=siglit (capjax/tasks/siglit.py): the text tower, the image tower's
+                 # pooling, the embedding size (0: the image tower's width) and the sigmoid
+                 # loss's learned temperature and bias (big_vision siglip_lit_coco: 10, -2.71)
+                 text=dict(width=128, depth=2, mlp_dim=256, num_heads=4),
+                 image_pool="map", embed_dim=0, temperature_init=10.0, bias_init=-2.71)
   c.data = dict(
       name="shapes", dir="", image_size=224, num_threads=2, prefetch=8, num_workers=0,
       resize="center_crop",  # center_crop | letterbox | random_resized_crop (train only)
@@ -212,6 +217,9 @@ def base() -> ml_collections.ConfigDict:
       shards_format="array_record",  # shards: array_record | tfds
       timeout_s=600,  # no training batch for this long: a one-line error naming the skips
       restval_to_train=True, karpathy_json="")  # coco
+  # Pretrained parts a task loads when a run starts fresh (never on resume: the checkpoint has
+  # them): a capjax workdir or export (`Task.prepare_run`, `Task.pretrained_params`).
+  c.init = dict(image_tower="")
   c.tokenizer = dict(path="", model_type="unigram", vocab_size=32_000)
   c.objective = dict(masked_pred_prob=0.75,
                      loss_normalization="per_example")  # per_example | per_token (objectives.py)

@@ -55,9 +55,17 @@ class Setup:
                    out_shardings=self.state_shardings)
 
   def init_state(self) -> trainer.TrainState:
-    """Params (from `config.seed`) and optimizer state, created already sharded."""
+    """A fresh state: params (from `config.seed`, with the task's pretrained parts loaded:
+    `Task.pretrained_params`) and optimizer state, created already sharded."""
     with self.context():
-      return self.init_fn()(jax.random.key(self.config.seed))
+      state = self.init_fn()(jax.random.key(self.config.seed))
+      params = self.task.pretrained_params(state.params)
+      if params is state.params:
+        return state
+      params = jax.device_put(params, self.state_shardings.params)
+      opt_state = jax.jit(self.optimizer.init,
+                          out_shardings=self.state_shardings.opt_state)(params)
+      return state.replace(params=params, opt_state=opt_state)
 
   def global_batch(self, local_batch: dict) -> dict:
     """This process's numpy batch -> global arrays; only the task's batch keys."""

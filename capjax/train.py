@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from capjax import checkpoint, config as config_lib, evals, flops, metrics_log, setup as setup_lib
-from capjax import sharding, stopping, trained as trained_lib, workdir as workdir_lib
+from capjax import sharding, stopping, tasks, trained as trained_lib, workdir as workdir_lib
 from capjax.data import pipeline, tokenizer as tokenizer_lib
 
 
@@ -159,6 +159,7 @@ def train(config, workdir: str):
 
 
 def _train(config, workdir: str, stop: stopping.StopRequest):
+  config = tasks.prepare_run(config, workdir)  # e.g. a pretrained tower's sizes
   tok = ensure_tokenizer(config, workdir)
   run = setup_lib.assemble(config, tok.special)
   ckpt = checkpoint.Checkpointer(workdir_lib.checkpoints(workdir), config.checkpoint.every,

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 
+from etils import epath
 import flax.linen as nn
 import jax
 import ml_collections
@@ -49,6 +50,20 @@ def _restore(config, tok, restore_fn) -> tuple[tasks.Task, dict, int]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params, step = restore_fn(_abstract_params(task, rules, mesh))
   return task, params, step
+
+
+def saved_config(path: str) -> tuple[ml_collections.ConfigDict, epath.Path]:
+  """(config, tokenizer file) of a workdir's newest checkpoint or of an export; no params read
+  (what a run that builds on a trained model needs to know before it builds anything)."""
+  if workdir.is_export(path):
+    config = config_lib.from_saved(json.loads(workdir.export_config(path).read_text()))
+    return config, workdir.tokenizer(path)
+  ckpt_dir = workdir.checkpoints(path)
+  if not ckpt_dir.exists():
+    raise FileNotFoundError(f"{workdir.path(path)} is neither a capjax workdir with checkpoints "
+                            "nor an export.")
+  config = config_lib.from_saved(checkpoint.saved_config(ckpt_dir).to_dict())
+  return config, workdir.tokenizer(path, config)
 
 
 def load(path: str, step: int | None = None) -> Trained:

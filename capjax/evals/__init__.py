@@ -19,7 +19,7 @@ import ml_collections
 from capjax import config as config_lib
 
 # Each registers its evaluators when imported.
-_MODULES = ("attributes", "captioning", "zeroshot", "linear_probe", "compositional")
+_MODULES = ("attributes", "captioning", "zeroshot", "linear_probe", "compositional", "siglit")
 _EVALS = {}
 _REQUIRES = {}
 

@@ -19,7 +19,8 @@ def register(name: str):
 
 
 def _import_builtin():
-  from capjax.tasks import cappa  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  # pylint: disable=g-import-not-at-top,unused-import
+  from capjax.tasks import cappa, siglit  # noqa: F401
 
 
 def _lookup(name: str) -> type[Task]:
@@ -32,6 +33,11 @@ def _lookup(name: str) -> type[Task]:
 def check_config(config):
   """The task's own config checks (`Task.check_config`); a `ConfigError` names the key."""
   _lookup(config.task).check_config(config)
+
+
+def prepare_run(config, workdir: str):
+  """The config a run in `workdir` trains with (`Task.prepare_run`)."""
+  return _lookup(config.task).prepare_run(config, workdir)
 
 
 def get(config, special_ids) -> Task:

@@ -2,10 +2,11 @@
 params and predict functions.
 
 The train step (`capjax/trainer.py`) calls only `train_loss`; validation only `eval_loss`;
-the assembly (`capjax/setup.py`) only `init_params`, `batch_spec`, `trainable` and
-`flops_per_example`; evaluators only `predict_fns()` (as big_vision's evaluators consume a
-family's predict functions and nothing else). Params are a plain pytree; batches are dicts of
-arrays whose keys and shapes `batch_spec` states.
+the assembly (`capjax/setup.py`) only `init_params`, `pretrained_params`, `batch_spec`,
+`trainable` and `flops_per_example`; the trainer `prepare_run` once before it builds anything;
+evaluators only `predict_fns()` (as big_vision's evaluators consume a family's predict functions
+and nothing else). Params are a plain pytree; batches are dicts of arrays whose keys and shapes
+`batch_spec` states.
 """
 
 import abc
@@ -68,9 +69,27 @@ class Task(abc.ABC):
     train with; runs at config load time, before anything is compiled or written."""
     del config
 
+  @classmethod
+  def prepare_run(cls, config, workdir: str):
+    """The config a run in `workdir` trains with (saved with its checkpoints). Called once by
+    the trainer before it builds anything. A family with pretrained parts (`config.init.*`)
+    fills in here the keys it takes from them (a tower's sizes, from the source's saved config;
+    never its params) and may put the source's tokenizer in `workdir`; a resumed run takes those
+    keys from its own checkpoint's config instead, so the sources are not read again. Raises
+    `config.ConfigError` (one line) when a source does not fit."""
+    del workdir
+    return config
+
   def init_params(self, rng):
-    """Boxed params (carrying logical axis names)."""
+    """Boxed params (carrying logical axis names). Traced (`jax.eval_shape`, jit): no I/O."""
     return self.model.init(rng, *self.init_inputs())["params"]
+
+  def pretrained_params(self, params):
+    """`params` (fresh from `init_params`, unboxed, on the mesh) with the pretrained parts the
+    config names loaded; host arrays are fine: the caller puts the result on the mesh with the
+    state's shardings. Called once when a run starts fresh, never on resume (the checkpoint has
+    them). Returns `params` itself when there is nothing to load."""
+    return params
 
   def trainable(self, params) -> Any:
     """Bools with `params`' structure: False for frozen params (no optimizer state, no update).

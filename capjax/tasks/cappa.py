@@ -68,14 +68,22 @@ def captioning_loss(apply_fn, params, images, tokens_BxL1, *, pad_id: int,
   return objectives.token_cross_entropy(logits_BxLxV, tokens_BxL1[:, 1:], pad_id, normalization)
 
 
+def encoder_macs(model_config, image_size: int) -> float:
+  """Multiply-adds of the vision tower's forward pass, one image (patch embedding included)."""
+  m = model_config
+  d, n = m.width, (image_size // m.patch_size) ** 2
+  t = n + m.num_registers
+  return n * (m.patch_size**2 * 3) * d + m.enc_depth * (
+      4 * t * d * d + 2 * t * t * d + 3 * t * d * m.mlp_dim)
+
+
 def forward_flops_per_example(model_config, image_size: int) -> float:
   m = model_config
   d, dd = m.width, (m.dec_width or m.width)
-  mlp, dmlp = m.mlp_dim, (m.dec_mlp_dim or m.mlp_dim)
-  n = (image_size // m.patch_size) ** 2
-  t, length = n + m.num_registers, m.max_len
-  macs = n * (m.patch_size**2 * 3) * d
-  macs += m.enc_depth * (4 * t * d * d + 2 * t * t * d + 3 * t * d * mlp)
+  dmlp = m.dec_mlp_dim or m.mlp_dim
+  t = (image_size // m.patch_size) ** 2 + m.num_registers
+  length = m.max_len
+  macs = encoder_macs(m, image_size)
   macs += m.dec_depth * (4 * length * dd * dd + 2 * length * length * dd
                          + 2 * length * dd * dd + 2 * t * d * dd + 2 * length * t * dd
                          + 3 * length * dd * dmlp)
