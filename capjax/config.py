@@ -63,6 +63,10 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str):
   *parents, leaf = key.split(".")
   node = config
   for i, part in enumerate(parents):
+    if parents[:i] == ["evals"] and isinstance(node, ml_collections.ConfigDict) \
+        and part not in node:  # --config.evals.NAME.KEY=V adds evaluator NAME
+      with node.unlocked():
+        node[part] = ml_collections.ConfigDict()
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise ConfigError(f"Unknown config key {'.'.join(parents[:i + 1])!r} in --config.{key}")
     node = node[part]
@@ -84,10 +88,13 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str):
 def optional_key_default(parents: list[str], leaf: str):
   """Default of a key a preset may leave out, or None: an optimizer's own `optimizer.*` keys
   (a preset lists only its optimizer's, yet `--config.optimizer.name=shampoo
-  --config.optimizer.block_size=64` must work)."""
+  --config.optimizer.block_size=64` must work), and `evals.NAME.*` (capjax.evals)."""
   if parents == ["optimizer"]:
     from capjax.optim import factory  # pylint: disable=g-import-not-at-top
     return factory.key_default(leaf)
+  if len(parents) == 2 and parents[0] == "evals":
+    from capjax import evals  # pylint: disable=g-import-not-at-top
+    return evals.new_entry_default(parents[1], leaf)
   return None
 
 
@@ -153,8 +160,9 @@ def validate(config: ml_collections.ConfigDict):
     value = _get(config, key)
     if value is not None and value != -1 and value < 1:
       raise ConfigError(f"{key}={value!r} is out of range: expected -1 (the rest) or >= 1.")
-  from capjax import tasks  # pylint: disable=g-import-not-at-top  # tasks import this module
+  from capjax import evals, tasks  # pylint: disable=g-import-not-at-top  # they import this module
   tasks.check_config(config)
+  evals.check_config(config)
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
@@ -245,6 +253,8 @@ def base() -> ml_collections.ConfigDict:
                  max_consecutive_skips=100,  # skip mode stops after this many in a row; 0: never
                  allow_restart=False)  # start from step 0 over an earlier run's files
   c.eval = dict(every=500, num_examples=256, batch_size=64, num_captions=4)
+  # Evaluators run during training: {name: {"every": N, option: value}} (capjax/evals/).
+  c.evals = ml_collections.ConfigDict()
   c.checkpoint = dict(every=500, keep=3, keep_period=0, allow_data_restart=False)  # see README
   c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
   c.schedule = dict(name="warmup_cosine", peak_lr=1e-3, warmup_steps=100, end_lr_fraction=0.01)

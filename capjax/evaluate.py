@@ -44,7 +44,7 @@ def main(argv=None):
     options = evals.parse_options(args.eval, option_args)
     trained = with_data_overrides(trained_lib.load(args.workdir, args.step), data_overrides)
     metrics = evals.run(args.eval, trained, **options)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(metrics))

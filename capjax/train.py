@@ -22,8 +22,8 @@ import jax
 import numpy as np
 import optax
 
-from capjax import checkpoint, config as config_lib, flops, metrics_log, setup as setup_lib
-from capjax import sharding, stopping, tasks, workdir as workdir_lib
+from capjax import checkpoint, config as config_lib, evals, flops, metrics_log, setup as setup_lib
+from capjax import sharding, stopping, tasks, trained as trained_lib, workdir as workdir_lib
 from capjax.data import pipeline, tokenizer as tokenizer_lib
 
 
@@ -217,6 +217,12 @@ def _train(config, workdir: str, stop: stopping.StopRequest):
           writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
           for generated, truth in samples:
             writer.message(f"  generated: {generated!r}   true: {truth!r}")
+          window_start = time.perf_counter()
+        for name in evals.due(config, step):  # config.evals
+          trained = trained_lib.Trained(config, run.task, state.params, tok, step)
+          results = evals.run_configured(name, trained)
+          writer.write(step, results)
+          writer.message(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
           window_start = time.perf_counter()
         stopping_now = stop.should_stop(step, log_step)
         if ckpt.should_save(step) or step == config.train.num_steps or stopping_now:

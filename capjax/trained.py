@@ -121,3 +121,11 @@ def export(source: str, output: str, step: int | None = None) -> int:
     workdir.export_info(output).write_text(json.dumps(
         {"format": EXPORT_FORMAT, "step": trained.step, "source": os.fspath(source)}))
   return trained.step
+
+
+def randomly_initialised(trained: Trained, seed: int = 0) -> Trained:
+  """The same model with freshly initialised params (step 0): the representation evals'
+  baseline."""
+  params = jax.jit(lambda rng: nn.meta.unbox(trained.task.init_params(rng)))(
+      jax.random.key(seed))
+  return dataclasses.replace(trained, params=params, step=0)

@@ -47,6 +47,24 @@ def random_head(params, seed: int = 0):
   return {**params, "decoder": decoder}
 
 
+def untrained(config, tokenizer_path):
+  """A `trained.Trained` of the config without params (step 0), with a word tokenizer trained
+  on shapes captions at `tokenizer_path`."""
+  from capjax import trained  # pylint: disable=g-import-not-at-top
+  from capjax.data import synthetic, tokenizer  # pylint: disable=g-import-not-at-top
+  source = synthetic.ShapesSource("train", 200, image_size=config.data.image_size)
+  tok = tokenizer.train((c for i in range(200) for c in source[i]["captions"]),
+                        str(tokenizer_path), 64, "word")
+  return trained.Trained(config, task(config), {}, tok, 0)
+
+
+def filled_params(config, fill):
+  """Params of the config's model drawn by `fill(shape) -> np.ndarray` (no init compiled)."""
+  from capjax import sharding  # pylint: disable=g-import-not-at-top
+  shapes = sharding.unbox_shapes(abstract_params(config))
+  return jax.tree.map(lambda s: fill(s.shape).astype(s.dtype), shapes)
+
+
 # The prefix-LM presets shrunk the same way (clip_prefix_small, mini_vlm_small).
 TINY_PREFIX = {"model.vision.width": 32, "model.vision.depth": 1, "model.vision.num_heads": 2,
                "model.vision.mlp_dim": 64, "model.lm.width": 32, "model.lm.depth": 1,

@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 TIMEOUT_S = 600
 
+pytestmark = pytest.mark.slow  # two processes start JAX and train: the slow suite
+
 
 def free_port() -> int:
   with socket.socket() as s:

@@ -34,6 +34,7 @@ def copy_run(reference, tmp_path) -> str:
   return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_an_uninterrupted_run_bitwise(reference, tmp_path):
   workdir, log = str(tmp_path / "run"), tmp_path / "killed.log"
   overrides = {"train.num_steps": NUM_STEPS, "data.num_threads": 2}
@@ -58,6 +59,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run_bitwise(reference, tmp_
           == final(train_cli.metrics(reference))["train/loss"])
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
   workdir = copy_run(reference, tmp_path)
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(NUM_STEPS), "state")):
@@ -73,6 +75,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(reference, tmp_
                                  train_cli.saved_state(reference, NUM_STEPS))
 
 
+@pytest.mark.slow
 def test_model_size_mismatch_is_a_one_line_error(reference, tmp_path):
   workdir = copy_run(reference, tmp_path)
   out = train_cli.run(workdir, **{"train.num_steps": NUM_STEPS, "model.width": 48})
@@ -170,6 +173,7 @@ def test_stop_signal_saves_a_checkpoint_at_the_step_reached(tmp_path, sig, code)
   assert int(train_cli.saved_state(workdir, step)[STEP]) == step
 
 
+@pytest.mark.slow
 def test_nan_batch_in_skip_mode_skips_exactly_that_update(tmp_path):
   workdir = str(tmp_path / "run")
   out = train_cli.run(workdir, **{"train.num_steps": 6, "train.inject_nan_at_step": 4,
@@ -188,6 +192,7 @@ def test_nan_batch_in_skip_mode_skips_exactly_that_update(tmp_path):
   assert rows[6]["train/skipped_steps"] == 1 and rows[6]["train/nonfinite"] == 0
 
 
+@pytest.mark.slow
 def test_nan_batch_in_stop_mode_stops_naming_the_step(tmp_path):
   workdir = str(tmp_path / "run")
   out = train_cli.run(workdir, **{"train.num_steps": 10, "train.inject_nan_at_step": 4,
@@ -200,6 +205,7 @@ def test_nan_batch_in_stop_mode_stops_naming_the_step(tmp_path):
   assert train_cli.steps(workdir) == [2]  # nothing saved after the bad step
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_in_a_row_stop_a_skip_mode_run(tmp_path):
   workdir = str(tmp_path / "run")
   out = train_cli.run(workdir, **{"train.num_steps": 20, "train.inject_nan_at_step": 4,

@@ -4,3 +4,4 @@ from capjax.data import synthetic  # noqa: F401
 from capjax.data import coco  # noqa: F401
 from capjax.data import flickr8k  # noqa: F401
 from capjax.data import shards  # noqa: F401
+from capjax.data import imagefolder  # noqa: F401

@@ -8,6 +8,7 @@ Attribute labels are kept for evaluation (`attribute_accuracy`).
 """
 
 import itertools
+import os
 import re
 
 import numpy as np
@@ -205,3 +206,26 @@ class ShapesSource:
 def make_source(data_config, split: str) -> ShapesSource:
   sizes = {**DEFAULT_SIZES, **dict(data_config.get("split_sizes", {}))}
   return ShapesSource(split, sizes[split], data_config.image_size, data_config.get("seed", 0))
+
+
+def write_class_folders(out: str, split: str, per_class: int, image_size: int = 64,
+                        label: str = "shape", seed: int = 0) -> dict[str, int]:
+  """Writes single-object scenes of a split as PNGs in `out/split/<class>/` (an image folder,
+  `data.name=imagefolder`) with `label` ("shape", "colour" or "size") as the class; returns the
+  number written per class (`per_class` each, unless the split runs out)."""
+  classes = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}[label]
+  source = ShapesSource(split, 100 * per_class * len(classes) + 1000, image_size, seed)
+  written = dict.fromkeys(classes, 0)
+  for index in range(len(source)):
+    if min(written.values()) >= per_class:
+      break
+    record = source[index]
+    if record["attributes"]["count"] != 1:
+      continue
+    name = record["attributes"]["objects"][0][label]
+    if written[name] < per_class:
+      folder = os.path.join(out, split, name)
+      os.makedirs(folder, exist_ok=True)
+      Image.fromarray(record["image"]).save(os.path.join(folder, f"{index:06d}.png"))
+      written[name] += 1
+  return written

@@ -70,8 +70,10 @@ class TextTower(nn.Module):
     x_BxLxD, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, self.matmul_policy,
                         name="layers")(x_BxLxD, keys_Bx1x1xL)
     x_BxLxD = layers.RMSNorm(self.dtype, name="final_norm")(x_BxLxD)
-    last_B = last_token_index(tokens_BxL, self.pad_id)
-    pooled_BxD = jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+    # A masked sum, not a gather: its backward partitions along the batch like the rest.
+    last_BxL = jnp.arange(length) == last_token_index(tokens_BxL, self.pad_id)[:, None]
+    pooled_BxD = jnp.sum(jnp.where(last_BxL[..., None], x_BxLxD, 0), axis=1)
+    pooled_BxD = layers.constrain(pooled_BxD, ("act_batch", "act_embed"))
     return layers.Dense((self.out_dim,), ("embed", None), dtype=self.dtype,
                         matmul_policy=self.matmul_policy, out_dtype=jnp.float32,
                         name="head")(pooled_BxD)

@@ -43,7 +43,7 @@ class MAPHead(nn.Module):
 
 
 def l2_normalize(x_BxE):
-  x_BxE = x_BxE.astype(jnp.float32)
+  x_BxE = layers.constrain(x_BxE.astype(jnp.float32), ("act_batch", "act_embed"))
   return x_BxE * jax.lax.rsqrt(jnp.sum(x_BxE * x_BxE, axis=-1, keepdims=True) + 1e-12)
 
 
@@ -97,10 +97,12 @@ class TwoTowers(nn.Module):
   def pool(self, tokens_BxTxD):
     """The image tower's tokens (registers first, then patches) -> [B, D]."""
     if self.image_pool == "map":
-      return self.image_pool_head(tokens_BxTxD)
-    r = self.num_registers
-    part = tokens_BxTxD[:, :r] if self.image_pool == "registers" else tokens_BxTxD[:, r:]
-    return jnp.mean(part.astype(jnp.float32), axis=1)
+      pooled_BxD = self.image_pool_head(tokens_BxTxD)
+    else:
+      r = self.num_registers
+      part = tokens_BxTxD[:, :r] if self.image_pool == "registers" else tokens_BxTxD[:, r:]
+      pooled_BxD = jnp.mean(part.astype(jnp.float32), axis=1)
+    return layers.constrain(pooled_BxD, ("act_batch", "act_embed"))
 
   def embed_images(self, images_BxHxWxC):
     """float32[B, E], unit norm."""

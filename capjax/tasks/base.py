@@ -5,8 +5,8 @@ The train step (`capjax/trainer.py`) calls only `train_loss`; validation only `e
 the assembly (`capjax/setup.py`) only `init_params`, `pretrained_params`, `batch_spec`,
 `trainable` and `flops_per_example`; the trainer `prepare_run` once before it builds anything;
 evaluators only `predict_fns()` (as big_vision's evaluators consume a family's predict functions
-and nothing else). Params are a plain pytree; batches are dicts of
-arrays whose keys and shapes `batch_spec` states.
+and nothing else). Params are a plain pytree; batches are dicts of arrays whose keys and shapes
+`batch_spec` states.
 """
 
 import abc
@@ -42,8 +42,11 @@ def get_key(config, key: str):
 
 
 def with_values(config, values: dict, origin: str):
-  """A copy of `config` with `values` ({dotted key: value}) set, validated and locked; what
-  changed is printed once (naming `origin`). `config` itself when nothing changes."""
+  """A copy of `config` with `values` ({dotted key: value}) set, validated and locked; the
+  values are printed (naming `origin`), changed or not. `config` itself when nothing changes."""
+  if values and jax.process_index() == 0:
+    print(f"{config.task}: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()),
+          file=sys.stderr)
   changed = {k: v for k, v in values.items() if get_key(config, k) != v}
   if not changed:
     return config
@@ -55,9 +58,6 @@ def with_values(config, values: dict, origin: str):
       node[leaf] = value
   config_lib.validate(config)
   config.lock()
-  if jax.process_index() == 0:
-    print(f"{config.task}: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()),
-          file=sys.stderr)
   return config
 
 
