@@ -100,8 +100,11 @@ def test_loss_counts_caption_tokens_only():
 def test_eos_counts_where_pad_is_eos():
   """GPT-2's vocabulary has one <|endoftext|> for BOS, EOS and PAD: EOS is still taught."""
   tokens = jnp.array([[9, 5, 6, 9, 9, 9]])
-  _, _, weights = prefix_lm.prefix_targets(tokens, prefix_len=2, eos_id=9, filler_id=9)
+  _, _, weights = prefix_lm.prefix_targets(tokens, prefix_len=2, eos_id=9, pad_id=9)
   np.testing.assert_array_equal(weights, [[0, 0, 1, 1, 1, 0, 0]])
+  # A row without EOS (zero-shot scoring of a caption's beginning) counts its words only.
+  _, _, weights = prefix_lm.prefix_targets(jnp.array([[1, 5, 6, 0, 0]]), 2, eos_id=2, pad_id=0)
+  np.testing.assert_array_equal(weights, [[0, 0, 1, 1, 0, 0]])
 
 
 def test_noise_is_added_in_training_only(tiny):

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from capjax.models import blocks, layers
+from capjax.models import blocks, clip, gpt2, layers, llama, plain_vit
 
 MAPPERS = ("mlp", "transformer", "projector")
 FEATURES = ("embedding", "tokens")
@@ -133,3 +133,57 @@ class PrefixCaptioner(nn.Module):
   def decode_lm(self, tokens_BxL=None, embeds_BxPxD=None):
     """The language model on its KV cache (`capjax.models.blocks`' convention)."""
     return self.lm(tokens_BxL, embeds_BxPxD, decode=True)
+
+
+# ----------------------------------------------------------------------- from a config
+# Keys: data.image_size, dtype, model.{vocab_size, matmul_policy, remat_policy, scan_unroll},
+# model.vision.*, model.lm.*, model.mapper.* (capjax/config.py's base() documents them).
+
+
+def runtime(config) -> dict:
+  m = config.model
+  return dict(dtype=jnp.dtype(config.dtype), matmul_policy=m.matmul_policy,
+              remat_policy=m.remat_policy, scan_unroll=m.scan_unroll)
+
+
+def vision_tower(config):
+  v = config.model.vision
+  common = dict(image_size=config.data.image_size, patch_size=v.patch_size, width=v.width,
+                depth=v.depth, num_heads=v.num_heads, mlp_dim=v.mlp_dim,
+                activation=v.activation, norm_eps=v.norm_eps, **runtime(config))
+  if v.family == "clip_vision":
+    return clip.CLIPVision(projection_dim=v.projection_dim, **common)
+  return plain_vit.PlainViT(qkv_bias=v.qkv_bias, **common)
+
+
+def language_model(config):
+  m, lm = config.model, config.model.lm
+  common = dict(vocab_size=m.vocab_size, width=lm.width, depth=lm.depth,
+                num_heads=lm.num_heads, mlp_dim=lm.mlp_dim, activation=lm.activation,
+                norm_eps=lm.norm_eps, **runtime(config))
+  if lm.family == "gpt2":
+    return gpt2.GPT2(max_len=lm.max_len, **common)
+  return llama.Llama(num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim,
+                     rope_theta=lm.rope_theta, tie_embeddings=lm.tie_embeddings, **common)
+
+
+def mapper(config):
+  mp, width = config.model.mapper, config.model.lm.width
+  rt = runtime(config)
+  if mp.kind == "mlp":
+    return MLPMapper(mp.prefix_len, width, mp.hidden_dim, rt["dtype"],
+                                rt["matmul_policy"])
+  if mp.kind == "transformer":
+    return TransformerMapper(mp.prefix_len, width, mp.clip_len, mp.depth,
+                                        mp.num_heads, mp.mlp_ratio, **rt)
+  return PatchProjector(width, rt["dtype"], rt["matmul_policy"])
+
+
+def vision_tokens(config) -> int:
+  """The tower's output tokens: the class token and the patches."""
+  return (config.data.image_size // config.model.vision.patch_size) ** 2 + 1
+
+
+def from_config(config, features_kind: str) -> PrefixCaptioner:
+  return PrefixCaptioner(vision_tower(config), mapper(config), language_model(config),
+                         features_kind=features_kind, normalize=config.model.mapper.normalize)

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from capjax import checkpoint, config as config_lib, objectives
-from capjax.data import tokenizer as tokenizer_lib
-from capjax.models import blocks, clip, gpt2, hf, layers, llama, plain_vit, prefix as prefix_lib
+from capjax.data import features as features_lib, tokenizer as tokenizer_lib
+from capjax.models import blocks, hf, layers, prefix as prefix_lib
 from capjax.tasks import base
 
 LM_FAMILIES = ("gpt2", "llama")
@@ -64,65 +64,24 @@ def _plain(value):
   return tuple(value) if isinstance(value, list) else value
 
 
-def runtime(config) -> dict:
-  m = config.model
-  return dict(dtype=jnp.dtype(config.dtype), matmul_policy=m.matmul_policy,
-              remat_policy=m.remat_policy, scan_unroll=m.scan_unroll)
-
-
-def vision_tower(config):
-  v = config.model.vision
-  common = dict(image_size=config.data.image_size, patch_size=v.patch_size, width=v.width,
-                depth=v.depth, num_heads=v.num_heads, mlp_dim=v.mlp_dim,
-                activation=v.activation, norm_eps=v.norm_eps, **runtime(config))
-  if v.family == "clip_vision":
-    return clip.CLIPVision(projection_dim=v.projection_dim, **common)
-  return plain_vit.PlainViT(qkv_bias=v.qkv_bias, **common)
-
-
-def language_model(config):
-  m, lm = config.model, config.model.lm
-  common = dict(vocab_size=m.vocab_size, width=lm.width, depth=lm.depth,
-                num_heads=lm.num_heads, mlp_dim=lm.mlp_dim, activation=lm.activation,
-                norm_eps=lm.norm_eps, **runtime(config))
-  if lm.family == "gpt2":
-    return gpt2.GPT2(max_len=lm.max_len, **common)
-  return llama.Llama(num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim,
-                     rope_theta=lm.rope_theta, tie_embeddings=lm.tie_embeddings, **common)
-
-
-def mapper(config):
-  mp, width = config.model.mapper, config.model.lm.width
-  rt = runtime(config)
-  if mp.kind == "mlp":
-    return prefix_lib.MLPMapper(mp.prefix_len, width, mp.hidden_dim, rt["dtype"],
-                                rt["matmul_policy"])
-  if mp.kind == "transformer":
-    return prefix_lib.TransformerMapper(mp.prefix_len, width, mp.clip_len, mp.depth,
-                                        mp.num_heads, mp.mlp_ratio, **rt)
-  return prefix_lib.PatchProjector(width, rt["dtype"], rt["matmul_policy"])
-
-
-def vision_tokens(config) -> int:
-  """The tower's output tokens: the class token and the patches."""
-  return (config.data.image_size // config.model.vision.patch_size) ** 2 + 1
-
-
-def prefix_targets(tokens_BxL1, prefix_len: int, eos_id: int, filler_id: int = 0):
+def prefix_targets(tokens_BxL1, prefix_len: int, eos_id: int, pad_id: int = 0):
   """(LM token inputs B x L, targets B x (P+L), weights B x (P+L)) for [prefix ++ inputs]:
   position t predicts position t + 1. The P image positions (the last predicts BOS) get
-  `filler_id` with weight 0; the caption's targets weight 1 through the first EOS."""
+  `pad_id` with weight 0; the caption's targets weight 1 through the first EOS, PAD excluded
+  where PAD is not EOS (a row without EOS, as zero-shot prefixes, counts its words only)."""
   inputs_BxL, caption_BxL = objectives.split_inputs_targets(tokens_BxL1)
   b = tokens_BxL1.shape[0]
-  targets = jnp.concatenate([jnp.full((b, prefix_len), filler_id, caption_BxL.dtype),
+  caption_weights = objectives.through_first_eos(caption_BxL, eos_id)
+  if pad_id != eos_id:
+    caption_weights = caption_weights * (caption_BxL != pad_id)
+  targets = jnp.concatenate([jnp.full((b, prefix_len), pad_id, caption_BxL.dtype),
                              caption_BxL], axis=1)
-  weights = jnp.concatenate([jnp.zeros((b, prefix_len), jnp.float32),
-                             objectives.through_first_eos(caption_BxL, eos_id)], axis=1)
+  weights = jnp.concatenate([jnp.zeros((b, prefix_len), jnp.float32), caption_weights], axis=1)
   return inputs_BxL, targets, weights
 
 
 def tower_macs(config) -> float:
-  v, t = config.model.vision, vision_tokens(config)
+  v, t = config.model.vision, prefix_lib.vision_tokens(config)
   macs = (t - 1) * v.patch_size**2 * 3 * v.width + v.depth * (
       4 * t * v.width**2 + 2 * t * t * v.width + 2 * t * v.width * v.mlp_dim)
   return macs + (v.width * v.projection_dim if v.family == "clip_vision" else 0)
@@ -201,14 +160,14 @@ class PrefixLMTask(base.Task):
   @classmethod
   def prefix_len(cls, config) -> int:
     if config.model.mapper.kind == "projector":
-      return vision_tokens(config)
+      return prefix_lib.vision_tokens(config)
     return config.model.mapper.prefix_len
 
   @classmethod
   def feature_shape(cls, config) -> tuple[int, ...]:
     v = config.model.vision
     if cls.FEATURES == "tokens":
-      return (vision_tokens(config), v.width)
+      return (prefix_lib.vision_tokens(config), v.width)
     return (v.projection_dim or v.width,) if v.family == "clip_vision" else (v.width,)
 
   @classmethod
@@ -245,6 +204,9 @@ class PrefixLMTask(base.Task):
       if len(v[key]) != 3 or (key == "image_std" and min(v[key]) <= 0):
         raise c.ConfigError(f"model.vision.{key}={v[key]!r}; expected 3 values (RGB)"
                             + (", each > 0." if key == "image_std" else "."))
+    if config.data.features and config.data.resize == "random_resized_crop":
+      raise c.ConfigError("data.resize='random_resized_crop' with data.features: stored "
+                          "features are of one crop; use center_crop or letterbox.")
     if config.data.image_size % v.patch_size:
       raise c.ConfigError(f"data.image_size={config.data.image_size} is not divisible by "
                           f"model.vision.patch_size={v.patch_size}.")
@@ -303,7 +265,9 @@ class PrefixLMTask(base.Task):
     resumed = base.resumed_config(workdir)
     if resumed is not None:  # the checkpoint has the pretrained parts; no source is read
       values = {k: _plain(base.get_key(resumed, k)) for k in PRETRAINED_KEYS}
-      return base.with_values(config, values, f"the checkpoint in {workdir}")
+      config = base.with_values(config, values, f"the checkpoint in {workdir}")
+      cls.check_features(config)
+      return config
     values, tokenizer = {}, None
     if config.init.vision:
       values.update(cls._vision_values(config.init.vision))
@@ -321,15 +285,19 @@ class PrefixLMTask(base.Task):
     config = base.with_values(config, values, "init.vision / init.lm")
     if tokenizer is not None:
       base.install_tokenizer(config, workdir, tokenizer, f"init.lm={config.init.lm}")
+    cls.check_features(config)
     return config
+
+  @classmethod
+  def check_features(cls, config):
+    """Stored features (`data.features`) must be this run's tower's (a one-line error)."""
+    if config.data.features:
+      features_lib.check_fits(config.data.features, config, cls.feature_shape(config))
 
   # ------------------------------------------------------------------ model
 
   def build_model(self):
-    c = self.config
-    return prefix_lib.PrefixCaptioner(
-        vision_tower(c), mapper(c), language_model(c), features_kind=self.FEATURES,
-        normalize=c.model.mapper.normalize)
+    return prefix_lib.from_config(self.config, self.FEATURES)
 
   def batch_spec(self, batch_size):
     spec = base.caption_batch_spec(self.config, batch_size)
