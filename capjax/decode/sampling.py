@@ -138,6 +138,6 @@ def sample(model, params, images, rng, *, special, max_new_tokens: int, num_samp
   choose = lambda logits_BxV, key: jax.random.categorical(
       key, filter_logits(logits_BxV, temperature, top_k, top_p))
   tokens, logprobs, logits = generate(
-      steps, state, images.shape[0] * num_samples, choose, rng, special=special, max_new_tokens=max_new_tokens,
-      min_new_tokens=min_new_tokens, keep_logits=return_logits)
+      steps, state, images.shape[0] * num_samples, choose, rng, special=special,
+      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, keep_logits=return_logits)
   return _stack(tokens, logprobs, num_samples, logits)
