@@ -254,3 +254,13 @@ def test_log_likelihood_is_the_tasks_caption_score(tiny):
   for i in range(3):
     expected = task.score_captions(params, images_uint8, jnp.asarray(tokens[:, i]))
     np.testing.assert_allclose(scores[:, i], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_categorical_draws_tokens_with_their_softmax_probabilities():
+  logits = jnp.asarray([[0.0, 1.0, -jnp.inf, 2.0, -1.0]] * 8)
+  draw = jax.jit(jax.vmap(lambda key: decode.sampling.categorical(key, logits)))
+  counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), 5000))).ravel(),
+                       minlength=5)
+  probs = np.asarray(jax.nn.softmax(logits[0]))
+  assert counts[2] == 0  # a filtered token is never drawn
+  np.testing.assert_allclose(counts / counts.sum(), probs, atol=0.01)  # 40000 draws

@@ -27,7 +27,7 @@ def _predict(model, params, enc_BxSxD, inputs_BxL, no_eos: bool, eos: int):
   logits_BxLxV = model.apply({"params": params}, inputs_BxL, enc_BxSxD, None, method="decode")
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32))
   choice_BxLxV = logp_BxLxV.at[..., eos].set(-jnp.inf) if no_eos else logp_BxLxV
-  tokens_BxL = jnp.argmax(choice_BxLxV, axis=-1).astype(jnp.int32)
+  tokens_BxL = steps_lib.argmax(choice_BxLxV)
   return tokens_BxL, jnp.take_along_axis(logp_BxLxV, tokens_BxL[..., None], axis=-1)[..., 0]
 
 

@@ -62,7 +62,7 @@ def generate(steps, state, b: int, choose: Callable, rng, *, special, max_new_to
 
 def _argmax(logits_BxV, key):
   del key
-  return jnp.argmax(logits_BxV, axis=-1)
+  return steps_lib.argmax(logits_BxV)
 
 
 def filter_logits(logits_BxV, temperature, top_k: int, top_p):
@@ -94,6 +94,16 @@ def nucleus_threshold(probs_BxV, top_p, iterations: int = 32):
   low_Bx1, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(high_Bx1), high_Bx1))
   # The top token (probability high) is kept even where rounding left mass(high) < top_p.
   return jnp.where(mass(high_Bx1) >= top_p, high_Bx1, jnp.minimum(low_Bx1, high_Bx1))
+
+
+def categorical(key, logits_BxV):
+  """int32[B]: a token a row drawn from softmax(logits) by inverting its CDF: one uniform
+  number a row, where `jax.random.categorical`'s Gumbel noise draws one a token (its random
+  bits cost more than the decoder step on a CPU). Tokens at -inf are never drawn."""
+  cdf_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1)
+  u_Bx1 = (1.0 - jax.random.uniform(key, (logits_BxV.shape[0], 1))) * cdf_BxV[:, -1:]  # (0, 1]
+  index_B = jnp.sum(cdf_BxV < u_Bx1, axis=-1)
+  return jnp.minimum(index_B, logits_BxV.shape[-1] - 1).astype(jnp.int32)
 
 
 def _stack(tokens_BxL, logprobs_BxL, n: int, logits=None) -> steps_lib.Decoded:
@@ -135,7 +145,7 @@ def sample(model, params, images, rng, *, special, max_new_tokens: int, num_samp
   enc_BxSxD = steps_lib.encode(model, params, images)
   steps = steps_lib.make_steps(model, params, max_new_tokens, special, cached)
   state = steps.repeat(steps.init(enc_BxSxD), enc_BxSxD, num_samples)
-  choose = lambda logits_BxV, key: jax.random.categorical(
+  choose = lambda logits_BxV, key: categorical(
       key, filter_logits(logits_BxV, temperature, top_k, top_p))
   tokens, logprobs, logits = generate(
       steps, state, images.shape[0] * num_samples, choose, rng, special=special,
