@@ -335,7 +335,7 @@ def scan_blocks(block_cls, depth: int, remat_policy: str, num_broadcast_args: in
     block_cls = nn.remat(block_cls, prevent_cse=False, policy=REMAT_POLICIES[remat_policy])
   return nn.scan(
       block_cls,
-      variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+      variable_axes={"params": 0, "intermediates": 0, "cache": 0},  # cache: KV caches
       split_rngs={"params": True},
       in_axes=(nn.broadcast,) * num_broadcast_args,
       length=depth,
