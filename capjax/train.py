@@ -22,8 +22,9 @@ import jax
 import numpy as np
 import optax
 
-from capjax import checkpoint, config as config_lib, evals, flops, metrics_log, setup as setup_lib
-from capjax import sharding, stopping, tasks, trained as trained_lib, workdir as workdir_lib
+from capjax import captioner as captioner_lib, checkpoint, config as config_lib, evals, flops
+from capjax import metrics_log, setup as setup_lib, sharding, stopping, tasks
+from capjax import trained as trained_lib, workdir as workdir_lib
 from capjax.data import pipeline, tokenizer as tokenizer_lib
 
 
@@ -60,21 +61,22 @@ def ensure_tokenizer(config, workdir) -> tokenizer_lib.Tokenizer:
   return tok
 
 
-def evaluate(run: setup_lib.Setup, params, tok):
+def evaluate(run: setup_lib.Setup, params, tok, step: int):
   """The task's validation loss and a few generated captions beside their truths."""
   config = run.config
-  generate = run.task.predict_fns().get("generate")
+  captioner = None
+  if "generate" in run.task.predict_fns():  # the family captions
+    captioner = captioner_lib.Captioner(trained_lib.Trained(config, run.task, params, tok, step))
   losses, samples = [], []
   for batch in pipeline.eval_batches(config, tok, "val", config.eval.num_examples,
                                      config.eval.batch_size):
     # Images and tokens (also where training reads stored features: the task runs its tower).
     losses.append(float(run.eval_step(params, {k: v for k, v in batch.items()
                                                if k != "records"})))
-    if generate is not None and len(samples) < config.eval.num_captions:
+    if captioner is not None and len(samples) < config.eval.num_captions:
       n = config.eval.num_captions - len(samples)
-      out = generate(params, batch["image"][:n])
-      samples += [(tok.decode(o), r["captions"][0])
-                  for o, r in zip(np.asarray(out), batch["records"])]
+      samples += [(c[0], r["captions"][0])
+                  for c, r in zip(captioner.captions(batch["image"][:n]), batch["records"])]
   return {"val/loss": float(np.mean(losses))}, samples
 
 
@@ -214,7 +216,7 @@ def _train(config, workdir: str, stop: stopping.StopRequest):
           window_start, window_steps = time.perf_counter(), 0
         if config.eval.every > 0 and (step % config.eval.every == 0
                                       or step == config.train.num_steps):  # 0: never
-          val, samples = evaluate(run, state.params, tok)
+          val, samples = evaluate(run, state.params, tok, step)
           writer.write(step, val)
           writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
           for generated, truth in samples:

@@ -139,6 +139,7 @@ def test_model_size_mismatch_names_the_first_parameter(tmp_path, setup):
   assert (tmp_path / "5").is_dir()  # a mismatch is not corruption: nothing was moved
 
 
+@pytest.mark.slow
 def test_restores_onto_other_meshes(tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}

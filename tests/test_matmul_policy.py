@@ -103,6 +103,7 @@ def _grad_errors(grads, reference):
                       grads, reference)
 
 
+@pytest.mark.slow
 def test_f32_accum_matches_legacy_within_bf16_tolerance(shapes_tiny_runs):
   (loss, grads), (loss_legacy, grads_legacy) = (
       shapes_tiny_runs["f32_accum"], shapes_tiny_runs["legacy"])
@@ -111,6 +112,7 @@ def test_f32_accum_matches_legacy_within_bf16_tolerance(shapes_tiny_runs):
   assert max(errors) < 0.05, max(errors)
 
 
+@pytest.mark.slow
 def test_f32_accum_matches_float32_within_mixed_precision_tolerance(shapes_tiny_runs):
   (loss, grads), (loss_f32, grads_f32) = (
       shapes_tiny_runs["f32_accum"], shapes_tiny_runs["float32"])
@@ -123,6 +125,7 @@ def test_f32_accum_matches_float32_within_mixed_precision_tolerance(shapes_tiny_
   assert sum(jax.tree.leaves(errors)) < 1.05 * sum(jax.tree.leaves(legacy))
 
 
+@pytest.mark.slow
 def test_param_gradients_are_float32(shapes_tiny_runs):
   _, grads = shapes_tiny_runs["f32_accum"]
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
@@ -130,7 +133,7 @@ def test_param_gradients_are_float32(shapes_tiny_runs):
   assert not _bf16_representable(kernel)  # accumulated and kept in float32
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=pytest.mark.slow), "float32"])
 def test_fresh_model_loss_is_log_vocab_size(dtype):
   config = tiny_config(dtype=dtype, **{"model.head_init": "zeros"})  # the references' init
   model = cappa_model.from_config(config)

@@ -69,6 +69,7 @@ def test_broadcast_mask_matches_per_example_mask():
   np.testing.assert_allclose(one, each, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_unroll_does_not_change_the_model():
   config = tiny_config(**{"model.enc_depth": 2, "model.dec_depth": 2})
   model, params = _init(config)

@@ -275,6 +275,7 @@ TINY_MODEL = {"model.width": 32, "model.mlp_dim": 64, "model.num_heads": 2,
               "checkpoint.every": 0, "dtype": "float32", "data.num_threads": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["kaggle", "original"])
 def test_train_cli_on_a_flickr8k_folder(tmp_path, layout):
   root = tmp_path / "flickr"

@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
 
 
+pytestmark = pytest.mark.slow  # a subprocess on 8 simulated devices runs Shampoo
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   """(one device, 8 devices with fsdp=8) results of `worker.run`, same data and init."""

@@ -202,6 +202,7 @@ def test_plan_pod_on_a_tiny_config():
   assert "fits" in out and "step time" in out and "XLA cost_analysis" in out
 
 
+@pytest.mark.slow
 def test_batch_and_shampoo_statistics_follow_custom_rules_on_8_devices():
   """The rules are the one road to the mesh: moving act_batch / opt_stats moves both."""
   result = run_subprocess(["-m", "tests.multihost_worker", "rules"],

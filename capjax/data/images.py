@@ -172,6 +172,15 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
   return decode_image(data, max_pixels)
 
 
+def from_pil(img: Image.Image) -> Decoded:
+  """A PIL image (opened by the caller) by the same rules as `decode_image`."""
+  try:
+    img.load()
+    return _to_rgb_array(_apply_exif_orientation(img))
+  except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError):
+    return Decoded(None, "corrupt_image")
+
+
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
   try:
     return ImageOps.exif_transpose(img)

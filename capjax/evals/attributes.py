@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from capjax import evals
+from capjax import captioner as captioner_lib, evals
 from capjax.data import pipeline, synthetic
 
 DISTINCT_OVER = 64
@@ -24,9 +24,8 @@ def distinct_share(captions: list[str], over: int = DISTINCT_OVER) -> float:
 
 
 def generated_captions(trained, images_uint8) -> list[str]:
-  """The task's `generate` predict function (greedy for CapPa), decoded to text."""
-  out = trained.predict_fns()["generate"](trained.params, images_uint8)
-  return [trained.tokenizer.decode(o) for o in np.asarray(out)]
+  """Greedy captions (`capjax.captioner.Captioner`)."""
+  return [c[0] for c in captioner_lib.Captioner(trained).captions(images_uint8)]
 
 
 @evals.register("attributes")

@@ -38,8 +38,9 @@ class CapPa(nn.Module):
   def encode(self, images_BxHxWxC):
     return self.encoder(images_BxHxWxC)
 
-  def decode(self, tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL):
-    return self.decoder(tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL)
+  def decode(self, tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL, decode: bool = False):
+    """Logits; decode=True: incremental, with KV caches (`decoder.Decoder`)."""
+    return self.decoder(tokens_BxL, enc_BxSxD, self_mask_Bx1xLxL, decode)
 
   def __call__(self, images_BxHxWxC, tokens_BxL, self_mask_Bx1xLxL):
     return self.decode(tokens_BxL, self.encode(images_BxHxWxC), self_mask_Bx1xLxL)

@@ -214,10 +214,19 @@ class Attention(nn.Module):
   (`mutable=["intermediates"]` or `capture_intermediates=True`) the attention weights
   are sown for attention maps. The legacy matmul policy otherwise runs
   `jax.nn.dot_product_attention` (its XLA path: the same math, autodiff backward).
+
+  decode=True keeps a KV cache in the "cache" collection, as Flax's own attention does.
+  The first call (with `mutable=["cache"]` and no cache yet) sizes it from its input:
+  self-attention keeps `cached_key`/`cached_value` (B x L x H x K, zeros) and `cache_index`;
+  cross-attention projects the image's keys and values once and keeps them. Later calls feed
+  the next tokens (usually one): self-attention writes their keys and values at
+  `cache_index` and attends to every cached position up to its own; cross-attention reads
+  its cached keys and values and ignores `kv_BxSxD` (pass `kv[:, :0]`).
   """
   num_heads: int
   dtype: Dtype = jnp.bfloat16
   matmul_policy: str = "f32_accum"
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, kv_BxSxD=None, mask_Bx1xLxS=None):
@@ -229,11 +238,21 @@ class Attention(nn.Module):
     if kv_BxSxD is None:
       qkv_BxLx3xHxK = proj(3, "qkv")(x_BxLxD)
       q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = unstack(qkv_BxLx3xHxK, axis=2)
+      if self.decode:
+        k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS = self._extend_cache(
+            k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS)
     else:
       q_BxLxHxK = dense((self.num_heads, head_dim), ("embed", "heads", "kv"),
                         name="query")(x_BxLxD)
-      kv_BxSx2xHxK = proj(2, "kv")(kv_BxSxD)
-      k_BxSxHxK, v_BxSxHxK = unstack(kv_BxSx2xHxK, axis=2)
+      if self.decode and self.has_variable("cache", "cached_key"):
+        k_BxSxHxK = self.get_variable("cache", "cached_key")
+        v_BxSxHxK = self.get_variable("cache", "cached_value")
+      else:
+        kv_BxSx2xHxK = proj(2, "kv")(kv_BxSxD)
+        k_BxSxHxK, v_BxSxHxK = unstack(kv_BxSx2xHxK, axis=2)
+        if self.decode:  # the image's keys and values, once per image
+          self.put_variable("cache", "cached_key", k_BxSxHxK)
+          self.put_variable("cache", "cached_value", v_BxSxHxK)
     sow = self.is_mutable_collection("intermediates")
     if self.matmul_policy == "legacy" and not sow:
       out_BxLxHxK = jax.nn.dot_product_attention(
@@ -245,6 +264,25 @@ class Attention(nn.Module):
         self.sow("intermediates", "attention_weights", weights_BxHxLxS)
       out_BxLxHxK = attention_values(weights_BxHxLxS, v_BxSxHxK, self.matmul_policy)
     return dense((d,), ("heads", "kv", "embed"), contract=2, name="out")(out_BxLxHxK)
+
+  def _extend_cache(self, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxS):
+    """Self-attention's keys, values and mask over the cache, with this call's written in."""
+    initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxLxHxK.shape,
+                             v_BxLxHxK.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:  # the sizing call: a full-length dummy, attended as given
+      return k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxS
+    i, length, size = index.value, k_BxLxHxK.shape[1], cached_k.value.shape[1]
+    cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k_BxLxHxK, i, axis=1)
+    cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v_BxLxHxK, i, axis=1)
+    index.value = i + length
+    query_L = i + jnp.arange(length)
+    cache_mask_1x1xLxS = (jnp.arange(size)[None, :] <= query_L[:, None])[None, None]
+    if mask_Bx1xLxS is not None:
+      cache_mask_1x1xLxS = cache_mask_1x1xLxS & mask_Bx1xLxS
+    return cached_k.value, cached_v.value, cache_mask_1x1xLxS
 
 
 class PatchEmbed(nn.Module):

@@ -175,7 +175,7 @@ class CapPa(base.Task):
     return jnp.sum(jnp.where(targets_BxL != self.special.pad, logp_BxL, 0.0), axis=-1)
 
   def generate(self, params, images_uint8):
-    """int32[B, max_len]: greedy tokens after BOS, EOS-terminated, padded."""
+    """int32[B, max_len]: greedy tokens after BOS, EOS-terminated, padded (KV-cached)."""
     images = base.normalize_images(images_uint8, self.dtype)
-    return decode.greedy(self.model, params, images, max_len=self.config.model.max_len,
-                         special=self.special)
+    return decode.greedy(self.model, params, images, special=self.special,
+                         max_new_tokens=self.config.model.max_len).tokens[:, 0]
