@@ -28,6 +28,13 @@ def token_cross_entropy(logits_BxLxV, targets_BxL, pad_id: int,
                                 (targets_BxL != pad_id).astype(jnp.float32), normalization)
 
 
+def caption_weights(targets_BxL, eos_id: int, pad_id: int):
+  """float32[B, L]: 1 at a caption's targets through its first EOS, PAD excluded where PAD is
+  not EOS (a row without EOS, as zero-shot prompt beginnings, counts its words only)."""
+  weights_BxL = through_first_eos(targets_BxL, eos_id)
+  return weights_BxL * (targets_BxL != pad_id) if pad_id != eos_id else weights_BxL
+
+
 def through_first_eos(targets_BxL, eos_id: int):
   """float32[B, L]: 1 at each row's tokens up to and including its first EOS, 0 after: the
   caption's tokens whatever follows them (also where PAD is EOS, as for GPT-2's vocabulary)."""

@@ -41,6 +41,7 @@ def get_config():
   c.model.mapper.update(kind="transformer", prefix_len=40, clip_len=40, depth=8, num_heads=8,
                         mlp_ratio=2.0, normalize=True, noise_std=0.0044)
   # 12 epochs of Flickr8k's 30k training captions at batch 64 (one caption per image a step).
+  c.objective.masked_pred_prob = 0.0  # CapPa's parallel prediction: not a prefix LM's
   c.train.update(num_steps=6000, batch_size=64, log_every=50)
   c.optimizer.update(name="adamw", weight_decay=0.0)
   c.schedule.update(name="warmup_cosine", peak_lr=5e-5, warmup_steps=300)

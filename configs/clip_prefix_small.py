@@ -23,6 +23,7 @@ def get_config():
   c.model.lm.update(family="gpt2", max_len=64, width=128, depth=3, num_heads=4, mlp_dim=512,
                     activation="gelu_new", frozen=False)
   c.model.mapper.update(kind="mlp", prefix_len=8, hidden_dim=0, normalize=True, noise_std=0.0)
+  c.objective.masked_pred_prob = 0.0  # CapPa's parallel prediction: not a prefix LM's
   c.train.update(num_steps=600, batch_size=64, log_every=50)
   c.eval.update(every=300, num_examples=256, batch_size=128, num_captions=3)
   c.checkpoint.update(every=300, keep=2)

@@ -25,6 +25,7 @@ def get_config():
                     tie_embeddings=True, activation="silu", frozen=False)
   # Seed 004 feeds the ViT's hidden states to the projector as they are.
   c.model.mapper.update(kind="projector", normalize=False, noise_std=0.0)
+  c.objective.masked_pred_prob = 0.0  # CapPa's parallel prediction: not a prefix LM's
   c.train.update(num_steps=600, batch_size=64, log_every=50)
   c.eval.update(every=300, num_examples=256, batch_size=128, num_captions=3)
   c.checkpoint.update(every=300, keep=2)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capjax import config as config_lib, objectives, setup as setup_lib, tasks
+from capjax import caption, captioner as captioner_lib, config as config_lib, evaluate
+from capjax import objectives, setup as setup_lib, tasks, train, trained as trained_lib
 from capjax.data import tokenizer as tokenizer_lib
 from capjax.models import hf, prefix
 from capjax.tasks import prefix_lm
@@ -275,3 +276,42 @@ def test_a_converted_clip_and_gpt2_load_through_init_vision_and_init_lm(tmp_path
   with pytest.raises(config_lib.ConfigError, match="init.lm=.*holds a clip_vision model"):
     tasks.prepare_run(helpers.prefix_config("clip_prefix_small", **{
         "init.lm": str(tmp_path / "clip")}), str(tmp_path / "bad"))
+
+
+def test_the_captioner_captions_and_scores_with_the_tasks_decoder(tiny, tmp_path):
+  config, task, params, batch = tiny
+  tok = helpers.untrained(config, tmp_path / "tok.model").tokenizer
+  captioner = captioner_lib.Captioner(trained_lib.Trained(config, task, params, tok, 0), 2)
+  images = helpers.caption_batch(config, [[BOS]] * 3, seed=6)["image"]
+  generated = np.asarray(task.generate(params, images))
+  assert captioner.captions(images) == [[tok.decode(g)] for g in generated]
+  captions = [["a small red circle", "two shapes a blue cross and a green square"]] * 3
+  tokens = np.stack([captioner.tokenize(c) for c in captions[0]])
+  expected = [task.score_captions(params, images, np.repeat(t[None], 3, 0)) for t in tokens]
+  np.testing.assert_allclose(captioner.score(images, captions), np.stack(expected, 1),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="decode=parallel needs"):
+    captioner.captions(images, decode="parallel")
+  with pytest.raises(ValueError, match="no cross-attention"):
+    captioner.attention(images, generated)
+
+
+@pytest.mark.slow
+def test_trains_then_captions_and_evaluates_through_the_commands(tmp_path, capsys):
+  """clip_prefix through `capjax.train`, `capjax.caption` and `capjax.evaluate` (attributes,
+  with the share of distinct captions)."""
+  config = helpers.prefix_config("clip_prefix_small", **{"train.num_steps": 20,
+                                                         "checkpoint.every": 20})
+  train.train(config, str(tmp_path / "run"))
+  tools_images = tmp_path / "images"
+  from tools import shapes_images  # pylint: disable=g-import-not-at-top
+  shapes_images.main([f"--output={tools_images}", "--num=3", "--image_size=32"])
+  capsys.readouterr()
+  caption.main([f"--workdir={tmp_path / 'run'}", str(tools_images), "--decode=beam",
+                "--beam_size=2"])
+  lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert len(lines) == 3 and all(isinstance(x["caption"], str) for x in lines)
+  evaluate.main([f"--workdir={tmp_path / 'run'}", "--eval=attributes", "--num_examples=16"])
+  metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert metrics["step"] == 20 and 0 < metrics["distinct_captions"] <= 1
+  assert 0 <= metrics["attribute_accuracy"] <= 1

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from capjax import objectives, setup as setup_lib, tasks
+from capjax import decode, objectives, setup as setup_lib, tasks
 from capjax.data import tokenizer as tokenizer_lib
 from capjax.models import hf, prefix
 from capjax.tasks import prefix_lm
@@ -135,3 +135,23 @@ def test_a_converted_vit_and_llama_load_through_init_vision_and_init_lm(tmp_path
   images = helpers.caption_batch(run_config, [[eot]] * 2)["image"]
   out = np.asarray(task.generate(params, images))
   assert out.shape == (2, run_config.model.max_len) and isinstance(tok.decode(out[0]), str)
+
+
+def test_the_decoders_run_the_prefix_decoder_as_they_run_cappas(tiny):
+  """capjax.decode through the task's decoder: the KV cache equals recomputing, a beam of one
+  and top-1 sampling are greedy, and the rows of an image are repeated and reordered alike."""
+  config, task, params, _ = tiny
+  images = task.pixels(helpers.caption_batch(config, [[BOS]] * 2, seed=5)["image"])
+  decoder, special = task.decoder(), tokenizer_lib.SENTENCEPIECE_IDS
+  common = dict(special=special, max_new_tokens=6)
+  greedy = decode.greedy(decoder, params, images, **common)
+  recomputed = decode.greedy(decoder, params, images, cached=False, **common)
+  np.testing.assert_array_equal(greedy.tokens, recomputed.tokens)
+  np.testing.assert_allclose(greedy.token_logprobs, recomputed.token_logprobs, atol=1e-4)
+  beam = decode.beam_search(decoder, params, images, beam_size=1, **common)
+  np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+  sampled = decode.sample(decoder, params, images, jax.random.key(1), num_samples=3, top_k=1,
+                          **common)
+  np.testing.assert_array_equal(sampled.tokens, np.repeat(greedy.tokens, 3, axis=1))
+  beams = decode.beam_search(decoder, params, images, beam_size=3, num_return=3, **common)
+  assert beams.tokens.shape == (2, 3, 6) and np.all(np.diff(beams.scores, axis=1) <= 0)

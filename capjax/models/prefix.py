@@ -128,7 +128,11 @@ class PrefixCaptioner(nn.Module):
     features."""
     if features is None:
       features = self.features(pixels)
-    return self.lm(tokens_BxL, self.prefix(features, noise))
+    return self.read(tokens_BxL, self.prefix(features, noise))
+
+  def read(self, tokens_BxL, prefix_BxPxD):
+    """The language model on [prefix ++ tokens] (no cache): logits B x (P+L) x V."""
+    return self.lm(tokens_BxL, prefix_BxPxD)
 
   def decode_lm(self, tokens_BxL=None, embeds_BxPxD=None):
     """The language model on its KV cache (`capjax.models.blocks`' convention)."""

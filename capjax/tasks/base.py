@@ -5,7 +5,7 @@ The train step (`capjax/trainer.py`) calls only `train_loss`; validation only `e
 the assembly (`capjax/setup.py`) only `init_params`, `pretrained_params`, `batch_spec`,
 `trainable` and `flops_per_example`; the trainer `prepare_run` once before it builds anything;
 evaluators only `predict_fns()` (as big_vision's evaluators consume a family's predict functions
-and nothing else). Params are a plain pytree; batches are dicts of arrays whose keys and shapes
+and nothing else); the captioner `decoder()` and `pixels()`. Params are a plain pytree; batches are dicts of arrays whose keys and shapes
 `batch_spec` states.
 """
 
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from capjax import config as config_lib
+from capjax.decode import steps as decode_steps
 
 
 def normalize_images(images_uint8, dtype):
@@ -158,6 +159,18 @@ class Task(abc.ABC):
     """Bools with `params`' structure: False for frozen params (no optimizer state, no update).
     None: everything trains."""
     del params
+    return None
+
+  def pixels(self, images_uint8):
+    """uint8 images -> the model's input (default: [-1, 1] in the compute dtype)."""
+    return normalize_images(images_uint8, self.dtype)
+
+  def decoder(self) -> decode_steps.Decoder | None:
+    """What `capjax.decode` and the captioner decode this family with (images as `pixels`
+    makes them), or None for a family that does not caption. Default: the model's own
+    `encode` / `decode` methods (CapPa's)."""
+    if all(callable(getattr(self.model, m, None)) for m in ("encode", "decode")):
+      return decode_steps.EncoderDecoder(self.model)
     return None
 
   def predict_fns(self) -> dict[str, Callable]:

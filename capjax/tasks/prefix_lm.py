@@ -26,18 +26,16 @@ mapper's forward, and the LM's forward times 3 (trained) or 2 (frozen: the mappe
 still passes back through it).
 """
 
-import dataclasses
 import functools
 import json
 import logging
 import pathlib
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from capjax import checkpoint, config as config_lib, objectives
+from capjax import checkpoint, config as config_lib, decode, objectives
 from capjax.data import features as features_lib, tokenizer as tokenizer_lib
+from capjax.decode import prefix as decode_prefix
 from capjax.models import blocks, hf, layers, prefix as prefix_lib
 from capjax.tasks import base
 
@@ -71,9 +69,7 @@ def prefix_targets(tokens_BxL1, prefix_len: int, eos_id: int, pad_id: int = 0):
   where PAD is not EOS (a row without EOS, as zero-shot prefixes, counts its words only)."""
   inputs_BxL, caption_BxL = objectives.split_inputs_targets(tokens_BxL1)
   b = tokens_BxL1.shape[0]
-  caption_weights = objectives.through_first_eos(caption_BxL, eos_id)
-  if pad_id != eos_id:
-    caption_weights = caption_weights * (caption_BxL != pad_id)
+  caption_weights = objectives.caption_weights(caption_BxL, eos_id, pad_id)
   targets = jnp.concatenate([jnp.full((b, prefix_len), pad_id, caption_BxL.dtype),
                              caption_BxL], axis=1)
   weights = jnp.concatenate([jnp.zeros((b, prefix_len), jnp.float32), caption_weights], axis=1)
@@ -95,57 +91,6 @@ def lm_macs(config, length: int) -> float:
   per_layer = length * (2 * lm.width * lm.num_heads * k + 2 * lm.width * g * k
                         + gated * lm.width * lm.mlp_dim) + 2 * length * length * lm.num_heads * k
   return lm.depth * per_layer + length * lm.width * m.vocab_size
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefixSteps:
-  """Next-token logits for the autoregressive decoders: `init(prefix)` makes the LM's KV cache
-  (Flax's convention: a full-length dummy) and prefills the prefix; each call feeds one token
-  (BOS first) at the cache's position and gives the next token's logits. Nothing in the state is
-  shared between the rows of one image (the prefix lives in each row's cache)."""
-  model: Any
-  params: Any
-  length: int  # tokens fed at most after the prefix
-
-  def _lm(self, variables, tokens=None, embeds=None):
-    out, new = self.model.apply(variables, tokens, embeds, method="decode_lm", mutable=["cache"])
-    return out, new["cache"]
-
-  def init(self, prefix_BxPxD):
-    b, p, d = prefix_BxPxD.shape
-    _, cache = self._lm({"params": self.params},
-                        embeds=jnp.zeros((b, p + self.length, d), prefix_BxPxD.dtype))
-    _, cache = self._lm({"params": self.params, "cache": cache}, embeds=prefix_BxPxD)
-    return {"cache": cache}
-
-  def shared(self, path) -> bool:
-    del path
-    return False
-
-  def __call__(self, state, last_B, index):
-    del index  # the cache counts positions
-    logits_Bx1xV, cache = self._lm({"params": self.params, "cache": state["cache"]},
-                                   tokens=last_B[:, None])
-    return logits_Bx1xV[:, 0], {"cache": cache}
-
-
-def greedy(steps, prefix_BxPxD, *, special, max_new_tokens: int):
-  """int32[B, max_new_tokens]: the most likely token each step, EOS-terminated, then PAD; stops
-  when every row has ended."""
-  b = prefix_BxPxD.shape[0]
-
-  def body(carry):
-    i, last_B, state, out_BxL, done_B = carry
-    logits_BxV, state = steps(state, last_B, i)
-    next_B = jnp.where(done_B, special.pad, jnp.argmax(logits_BxV, -1).astype(jnp.int32))
-    return (i + 1, next_B, state, out_BxL.at[:, i].set(next_B),
-            done_B | (next_B == special.eos))
-
-  init = (jnp.zeros((), jnp.int32), jnp.full((b,), special.bos, jnp.int32),
-          steps.init(prefix_BxPxD), jnp.full((b, max_new_tokens), special.pad, jnp.int32),
-          jnp.zeros((b,), bool))
-  out = jax.lax.while_loop(lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[4]), body, init)
-  return out[3]
 
 
 class PrefixLMTask(base.Task):
@@ -398,27 +343,18 @@ class PrefixLMTask(base.Task):
     """float32: the frozen tower's features (what `data.features` stores)."""
     return self.model.apply({"params": params}, self.pixels(images_uint8), method="features")
 
+  def decoder(self):
+    return decode_prefix.PrefixDecoder(self.model)
+
   @functools.partial(jax.jit, static_argnums=0)
   def score_captions(self, params, images_uint8, tokens_BxL1):
     """float32[B]: summed log-likelihood of each caption's tokens after BOS through its first
     EOS, teacher-forced (as CapPa's; not length-normalised)."""
-    logits, targets, weights = self._logits_and_targets(
-        params, {"image": images_uint8, "tokens": tokens_BxL1})
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
-                               targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(weights * logp, axis=-1)
+    decoder = self.decoder()
+    prefix = decoder.encode(params, self.pixels(images_uint8))
+    return decoder.log_likelihood(params, prefix, tokens_BxL1[:, None], self.special)[:, 0]
 
-  def steps(self, params, max_new_tokens: int) -> PrefixSteps:
-    return PrefixSteps(self.model, params, max_new_tokens)
-
-  def prefix(self, params, images_uint8):
-    """The prefix B x P x D the LM reads before BOS (no noise)."""
-    features = self.encode_images(params, images_uint8)
-    return self.model.apply({"params": params}, features, method="prefix")
-
-  @functools.partial(jax.jit, static_argnums=0)
   def generate(self, params, images_uint8):
     """int32[B, max_len]: greedy tokens after BOS, EOS-terminated, then PAD (KV-cached)."""
-    max_len = self.config.model.max_len
-    return greedy(self.steps(params, max_len), self.prefix(params, images_uint8),
-                  special=self.special, max_new_tokens=max_len)
+    return decode.greedy(self.decoder(), params, self.pixels(images_uint8), special=self.special,
+                         max_new_tokens=self.config.model.max_len).tokens[:, 0]
