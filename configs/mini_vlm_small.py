@@ -26,8 +26,9 @@ def get_config():
   # Seed 004 feeds the ViT's hidden states to the projector as they are.
   c.model.mapper.update(kind="projector", normalize=False, noise_std=0.0)
   c.objective.masked_pred_prob = 0.0  # CapPa's parallel prediction: not a prefix LM's
-  c.train.update(num_steps=600, batch_size=64, log_every=50)
-  c.eval.update(every=300, num_examples=256, batch_size=128, num_captions=3)
-  c.checkpoint.update(every=300, keep=2)
+  # 89 positions a row (65 image tokens): each step costs ~2x clip_prefix_small's.
+  c.train.update(num_steps=400, batch_size=64, log_every=50)
+  c.eval.update(every=200, num_examples=256, batch_size=128, num_captions=3)
+  c.checkpoint.update(every=200, keep=2)
   c.schedule.update(peak_lr=2e-3, warmup_steps=50)
   return c
