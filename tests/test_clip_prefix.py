@@ -14,7 +14,7 @@ import pytest
 
 from capjax import caption, captioner as captioner_lib, config as config_lib, evaluate
 from capjax import objectives, setup as setup_lib, tasks, train, trained as trained_lib
-from capjax.data import tokenizer as tokenizer_lib
+from capjax.data import pipeline, tokenizer as tokenizer_lib
 from capjax.models import hf, prefix
 from capjax.tasks import prefix_lm
 from tests import helpers
@@ -269,6 +269,10 @@ def test_a_converted_clip_and_gpt2_load_through_init_vision_and_init_lm(tmp_path
     params = jax.device_get(run.init_state().params)
   for part, name in (("vision", "clip"), ("lm", "gpt2")):
     assert helpers.bitwise_equal(params[part], hf.load(tmp_path / name)[1]["params"]), part
+  # The input pipeline reads the captions with GPT-2's BPE: BOS, words, EOS, then PAD (= EOS).
+  batch = next(iter(pipeline.train_dataset(run_config, tok.path)))
+  assert (batch["tokens"][:, 0] == eot).all() and batch["image"].shape == (8, 32, 32, 3)
+  assert all(tok.decode(row) and (row[1:] == eot).any() for row in batch["tokens"])
   # A resumed run would take the keys from its checkpoint; without sources: one warning.
   assert tasks.prepare_run(helpers.prefix_config("clip_prefix_small"),
                            str(tmp_path / "other")).model.vision.width == 32
