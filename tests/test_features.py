@@ -110,3 +110,11 @@ def test_training_from_stored_features_follows_the_same_loss_curve(tmp_path, tin
   assert len(curves[0]) == 8
   np.testing.assert_allclose(curves[1], curves[0], atol=1e-5, rtol=0)
   assert curves[0][-1] < curves[0][0]
+
+
+def test_a_task_without_stored_features_refuses_data_features(tmp_path):
+  from capjax import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  from capjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_config(**{"data.features": str(tmp_path)})
+  with pytest.raises(config_lib.ConfigError, match="task=cappa trains on images"):
+    setup_lib.assemble(config, tokenizer.SENTENCEPIECE_IDS)

@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import pathlib
+
 import jax
 import jax.numpy as jnp
 
