@@ -18,8 +18,9 @@ demo: install
 	$(PY) -m capjax.train --config=shapes_tiny --workdir=runs/demo
 	$(PY) -m capjax.evaluate --workdir=runs/demo --eval=attributes --split=test --show=8
 
+# Two workers (pytest-xdist), a test file each at a time: the suite is mostly XLA compiles.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

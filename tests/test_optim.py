@@ -177,8 +177,8 @@ def test_shampoo_state_checkpoint_continues_the_same_trajectory(tmp_path):
 # ---------------------------------------------------------------- weight decay
 
 
-@pytest.mark.parametrize("name", ["adamw", pytest.param("adafactor", marks=pytest.mark.slow),
-                                  pytest.param("shampoo", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "shampoo"])
 def test_weight_decay_only_on_kernels(name):
   config = tiny_config(**{"optimizer.name": name, "optimizer.weight_decay": 0.1,
                           "schedule.name": "constant", "schedule.peak_lr": 0.1})
