@@ -25,10 +25,12 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# The Hugging Face import checked against torch (the test-hf extra: torch CPU + transformers).
+# The Hugging Face import checked against torch (the test-hf extra: torch CPU + transformers),
+# and converted towers loaded through init.vision / init.lm.
 test-hf: install
 	$(PY) -m pip install -q -e '.[dev,test-hf]'
 	$(PY) -m pytest -q tests/test_hf.py
+	$(PY) -m pytest -q tests/test_clip_prefix.py tests/test_mini_vlm.py -k converted
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -26,7 +26,6 @@ from PIL import Image
 from capjax import decode, trained as trained_lib
 from capjax.data import images as images_lib, transforms
 from capjax.evals import attention_maps
-from capjax.tasks import base
 
 DECODES = ("greedy", "beam", "sample", "parallel")
 RESIZES = ("center_crop", "letterbox")
@@ -40,9 +39,9 @@ class ImageError(ValueError):
   """An image that cannot be used; the message names it and says why."""
 
 
-@functools.partial(jax.jit, static_argnames=("model", "dtype"))
-def _encode(model, params, images_uint8, dtype):
-  return decode.encode(model, params, base.normalize_images(images_uint8, dtype))
+@functools.partial(jax.jit, static_argnames=("task", "decoder"))
+def _encode(task, decoder, params, images_uint8):
+  return decoder.encode(params, task.pixels(images_uint8))
 
 
 def _pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
@@ -56,11 +55,10 @@ def _pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
 class Captioner:
 
   def __init__(self, trained: trained_lib.Trained, batch_size: int = 64):
-    model = trained.task.model
-    if not all(callable(getattr(model, m, None)) for m in ("encode", "decode")):
-      raise ValueError(f"task {trained.config.task!r} does not caption: its model has no "
-                       "encode/decode methods.")
-    self.trained, self.model, self.batch_size = trained, model, batch_size
+    self.decoder = trained.task.decoder()  # the family's (`Task.decoder`)
+    if self.decoder is None:
+      raise ValueError(f"task {trained.config.task!r} does not caption: it has no decoder.")
+    self.trained, self.model, self.batch_size = trained, trained.task.model, batch_size
     self.config, self.tokenizer = trained.config, trained.tokenizer
     self.special = trained.tokenizer.special
     self.dtype = trained.task.dtype
@@ -152,7 +150,8 @@ class Captioner:
         (o["top_k"] >= 0, f"top_k={o['top_k']}; expected >= 0 (0: off)"),
         (0 < o["top_p"] <= 1, f"top_p={o['top_p']}; expected in (0, 1] (1: off)"),
         (o["refine_steps"] >= 0, f"refine_steps={o['refine_steps']}; expected >= 0"),
-        (decode_name != "parallel" or self.config.objective.masked_pred_prob > 0,
+        (decode_name != "parallel" or (self.decoder.parallel
+                                        and self.config.objective.masked_pred_prob > 0),
          "decode=parallel needs a model trained with parallel prediction "
          "(objective.masked_pred_prob > 0)"),
     ]
@@ -162,17 +161,17 @@ class Captioner:
     return o
 
   def _decode_batch(self, images_uint8, decode_name: str, n: int, o: dict, key):
-    images = base.normalize_images(images_uint8, self.dtype)
+    images = self.trained.task.pixels(images_uint8)
     common = {"special": self.special, "max_new_tokens": o["max_len"]}
     autoregressive = {**common, "min_new_tokens": o["min_len"]}
     if decode_name == "greedy":
-      return decode.greedy(self.model, self.params, images, **autoregressive)
+      return decode.greedy(self.decoder, self.params, images, **autoregressive)
     if decode_name == "beam":
-      return decode.beam_search(self.model, self.params, images, beam_size=o["beam_size"],
+      return decode.beam_search(self.decoder, self.params, images, beam_size=o["beam_size"],
                                 num_return=n, length_penalty_alpha=o["length_penalty"],
                                 **autoregressive)
     if decode_name == "sample":
-      return decode.sample(self.model, self.params, images, key, num_samples=n,
+      return decode.sample(self.decoder, self.params, images, key, num_samples=n,
                            temperature=o["temperature"], top_k=int(o["top_k"]),
                            top_p=o["top_p"], **autoregressive)
     return decode.parallel(self.model, self.params, images, length=self.config.model.max_len,
@@ -239,13 +238,13 @@ class Captioner:
     scores = np.zeros((len(images_uint8), n), np.float32)
     for start in range(0, len(images_uint8), step):
       rows = min(step, len(images_uint8) - start)
-      enc = _encode(self.model, self.params, _pad_rows(images_uint8[start:start + step], step),
-                    self.dtype)
+      enc = _encode(self.trained.task, self.decoder, self.params,
+                    _pad_rows(images_uint8[start:start + step], step))
       for first in range(0, n, per_pass):
         tokens = _pad_rows(tokens_BxNxL1[start:start + rows, first:first + per_pass], per_pass,
                            axis=1)
-        out = decode.log_likelihood(self.model, self.params, enc, _pad_rows(tokens, step),
-                                    special=self.special)
+        out = self.decoder.log_likelihood(self.params, enc, _pad_rows(tokens, step),
+                                          self.special)
         scores[start:start + rows, first:first + per_pass] = np.asarray(out)[
             :rows, :min(per_pass, n - first)]
     return scores
@@ -256,6 +255,8 @@ class Captioner:
     """(cross float32[B, L, T]: the cross-attention of the decoder's last layer at the step
     that generated each token, mean over heads; encoder float32[B, heads, T, T]: the
     encoder's last layer), T = registers + patches (`capjax.evals.attention_maps`)."""
+    if not isinstance(self.decoder, decode.EncoderDecoder):
+      raise ValueError(f"task {self.config.task!r} has no cross-attention to draw maps of.")
     cross, encoder = attention_maps.weights(self.model, self.params, np.asarray(images_uint8),
                                             np.asarray(tokens_BxL, np.int32), dtype=self.dtype,
                                             bos=self.special.bos)

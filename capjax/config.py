@@ -208,7 +208,26 @@ def base() -> ml_collections.ConfigDict:
                  # pooling, the embedding size (0: the image tower's width) and the sigmoid
                  # loss's learned temperature and bias (big_vision siglip_lit_coco: 10, -2.71)
                  text=dict(width=128, depth=2, mlp_dim=256, num_heads=4),
-                 image_pool="map", embed_dim=0, temperature_init=10.0, bias_init=-2.71)
+                 image_pool="map", embed_dim=0, temperature_init=10.0, bias_init=-2.71,
+                 # task=clip_prefix / mini_vlm (capjax/tasks/prefix_lm.py): a frozen vision
+                 # tower, a mapper and a language model. The tower's and the LM's keys mirror
+                 # capjax.models.hf's module configs; init.vision / init.lm fill them in (and
+                 # model.vocab_size, data.image_size). vision.family: clip_vision | vit;
+                 # lm.family: gpt2 | llama; lm.frozen: train the mapper only.
+                 vision=dict(family="clip_vision", patch_size=32, width=768, depth=12,
+                             num_heads=12, mlp_dim=3072, projection_dim=512, qkv_bias=True,
+                             activation="quick_gelu", norm_eps=1e-5,
+                             image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+                 lm=dict(family="gpt2", max_len=1024, width=768, depth=12, num_heads=12,
+                         num_kv_heads=0, head_dim=0, mlp_dim=3072, rope_theta=10_000.0,
+                         norm_eps=1e-5, tie_embeddings=True, activation="gelu_new",
+                         frozen=False),
+                 # mapper.kind: mlp | transformer (ClipCap; clip_len, depth, num_heads,
+                 # mlp_ratio are the transformer's, hidden_dim the MLP's, 0: P*D/2) | projector
+                 # (seed 004, per patch token); normalize: L2 before the mapper; noise_std:
+                 # Gaussian noise added to the features in training only.
+                 mapper=dict(kind="mlp", prefix_len=10, clip_len=10, depth=8, num_heads=8,
+                             mlp_ratio=2.0, hidden_dim=0, normalize=True, noise_std=0.0))
   c.data = dict(
       name="shapes", dir="", image_size=224, num_threads=2, prefetch=8, num_workers=0,
       resize="center_crop",  # center_crop | letterbox | random_resized_crop (train only)
@@ -216,10 +235,15 @@ def base() -> ml_collections.ConfigDict:
       max_image_pixels=89_478_485,  # decompression-bomb guard (PIL's default)
       shards_format="array_record",  # shards: array_record | tfds
       timeout_s=600,  # no training batch for this long: a one-line error naming the skips
-      restval_to_train=True, karpathy_json="")  # coco
+      restval_to_train=True, karpathy_json="",  # coco
+      # Frozen-tower features stored by tools/precompute_features.py: training reads them
+      # instead of the images (clip_prefix, mini_vlm); "": run the tower every step.
+      features="")
   # Pretrained parts a task loads when a run starts fresh (never on resume: the checkpoint has
   # them): a capjax workdir or export (`Task.prepare_run`, `Task.pretrained_params`).
-  c.init = dict(image_tower="")
+  # image_tower: siglit's. vision / lm: a Hugging Face or converted model directory
+  # (tools/convert_hf.py) for clip_prefix / mini_vlm.
+  c.init = dict(image_tower="", vision="", lm="")
   c.tokenizer = dict(path="", model_type="unigram", vocab_size=32_000)
   c.objective = dict(masked_pred_prob=0.75,
                      loss_normalization="per_example")  # per_example | per_token (objectives.py)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from capjax import sharding, tasks, trainer
+from capjax import config as config_lib, sharding, tasks, trainer
 from capjax.optim import factory
 
 
@@ -82,6 +82,9 @@ def assemble(config, special_ids, mesh=None, wrap_optimizer=None) -> Setup:
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   rules = sharding.rules_from_config(config)
   task = tasks.get(config, special_ids)
+  if config.data.get("features") and "features" not in task.batch_spec(1):
+    raise config_lib.ConfigError(f"data.features={config.data.features}: task={config.task} "
+                                 "trains on images, not on stored features.")
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(task.init_params, jax.random.key(0))
     trainable = task.trainable(sharding.unbox_shapes(boxed))

@@ -70,7 +70,9 @@ def evaluate(run: setup_lib.Setup, params, tok, step: int):
   losses, samples = [], []
   for batch in pipeline.eval_batches(config, tok, "val", config.eval.num_examples,
                                      config.eval.batch_size):
-    losses.append(float(run.eval_step(params, {k: batch[k] for k in run.batch_keys})))
+    # Images and tokens (also where training reads stored features: the task runs its tower).
+    losses.append(float(run.eval_step(params, {k: v for k, v in batch.items()
+                                               if k != "records"})))
     if captioner is not None and len(samples) < config.eval.num_captions:
       n = config.eval.num_captions - len(samples)
       samples += [(c[0], r["captions"][0])

@@ -51,3 +51,10 @@ def test_cli_help_lists_the_evaluators_options(capsys):
     evaluate.main(["--eval=test_options", "--help"])
   assert exit_info.value.code == 0
   assert "--shots=(1, 5)" in capsys.readouterr().err
+
+
+def test_distinct_captions_share_counts_the_first_64_images():
+  from capjax.evals import attributes  # pylint: disable=g-import-not-at-top
+  assert attributes.distinct_share(["a", "b", "a", "c"]) == 0.75
+  assert attributes.distinct_share(["a"] * 64 + [str(i) for i in range(100)]) == 1 / 64
+  assert attributes.distinct_share([]) == 0.0

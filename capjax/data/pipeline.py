@@ -13,7 +13,9 @@ Config keys read (`data.*`; defaults for keys a preset lacks in brackets):
   resize ["center_crop"]: "center_crop" | "letterbox" | "random_resized_crop"
     (training only; evaluation then center-crops);
   lowercase [False], strip_punctuation [False]: caption cleaning, applied before
-    tokenization and to the tokenizer's training captions alike.
+    tokenization and to the tokenizer's training captions alike;
+  features [""]: a folder of frozen-tower features (`data/features.py`) that training
+    batches read instead of the images (evaluation reads the images).
 
 Skipped items: a source returns None for an item it cannot read and counts the
 reason in `source.skips` (`images.SkipCounter`); grain's `to_iter_dataset` drops
@@ -34,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from capjax import config as config_lib
-from capjax.data import images, registry, transforms, tokenizer as tokenizer_lib
+from capjax.data import features, images, registry, transforms, tokenizer as tokenizer_lib
 
 DataNotFoundError = images.DataNotFoundError  # what train.py reports as a one-line error
 
@@ -67,7 +69,8 @@ class Preprocess:
 
 def make_example(record: dict, tok: tokenizer_lib.Tokenizer, preprocess: Preprocess,
                  rng: np.random.Generator | None, skips: images.SkipCounter | None = None):
-  """{"image": uint8[S, S, 3], "tokens": int32[max_len + 1]} or None (counted in `skips`).
+  """{"image": uint8[S, S, 3], "tokens": int32[max_len + 1]} or None (counted in `skips`);
+  a record of stored features (`data/features.py`) gives "features" instead of "image".
 
   With `rng` (training): a random caption and, if configured, a random crop.
   Without (evaluation): the first caption and a deterministic resize.
@@ -78,8 +81,11 @@ def make_example(record: dict, tok: tokenizer_lib.Tokenizer, preprocess: Preproc
       skips.add("no_caption_after_cleaning")
     return None
   caption = captions[0] if rng is None else transforms.choose_caption(captions, rng)
+  tokens = tok.encode(caption, preprocess.max_len)
+  if "features" in record:  # the same caption as from the image: the rng is drawn alike
+    return {"features": record["features"], "tokens": tokens}
   image = transforms.to_square(record["image"], preprocess.image_size, preprocess.resize, rng)
-  return {"image": image, "tokens": tok.encode(caption, preprocess.max_len)}
+  return {"image": image, "tokens": tokens}
 
 
 @dataclasses.dataclass
@@ -132,7 +138,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer_path: str,
   """Endless shuffled batches of this process's slice; `.skips` counts what was dropped."""
   preprocess = Preprocess.from_config(config)
   batch_size = per_process_batch_size(config.train.batch_size, process_count)
-  source = registry.get_source(config.data, "train")
+  source = (features.FeatureSource(config.data.features, "train") if config.data.get("features")
+            else registry.get_source(config.data, "train"))
   skips = skips_of(source)
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.seed(config.seed).shuffle().repeat()

@@ -1,12 +1,21 @@
-"""SentencePiece tokenizer with PAD/BOS/EOS and the MASK id used by parallel prediction.
+"""Tokenizers: SentencePiece with PAD/BOS/EOS and the MASK id used by parallel prediction, or a
+pretrained language model's own (Hugging Face `tokenizer.json`: GPT-2's byte-level BPE,
+Llama's / SmolLM's), behind one class.
 
 A tokenizer carries its special ids (`Tokenizer.special`); losses and decoding take them
 from there, never from module constants, so a GPT-2 or Llama vocabulary can stand in.
+
+A Hugging Face tokenizer is stored as one file where a run keeps its tokenizer (the workdir's
+`tokenizer.model`, copied into exports alike): a JSON object `{"format": HF_FORMAT, "special":
+{pad, bos, eos, mask}, "tokenizer": <tokenizer.json text>}` (`write_hf`); `Tokenizer(path)`
+reads either kind. Reading one needs the `tokenizers` package (the `hf` extra).
 """
 
 import dataclasses
 import io
+import json
 import os
+import pathlib
 import re
 from typing import Iterable
 
@@ -76,6 +85,96 @@ class TokenizerError(ValueError):
   """A tokenizer file that is missing, empty or not a sentencepiece model (one line)."""
 
 
+HF_FORMAT = "capjax-hf-tokenizer-v1"
+HF_FILES = ("tokenizer.json", "vocab.json + merges.txt")
+
+
+def _tokenizers():
+  try:
+    import tokenizers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise TokenizerError("A Hugging Face tokenizer needs the `tokenizers` package: "
+                         "pip install -e '.[hf]'.") from None
+  return tokenizers
+
+
+def hf_tokenizer_json(directory) -> str:
+  """The tokenizer of a Hugging Face (or converted) model directory as `tokenizer.json` text:
+  that file, else GPT-2's `vocab.json` + `merges.txt` as a byte-level BPE. A directory with
+  neither is a `TokenizerError`."""
+  directory = pathlib.Path(directory)
+  if (directory / "tokenizer.json").exists():
+    return (directory / "tokenizer.json").read_text()
+  if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+    tk = _tokenizers()
+    bpe = tk.Tokenizer(tk.models.BPE.from_file(str(directory / "vocab.json"),
+                                               str(directory / "merges.txt")))
+    bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tk.decoders.ByteLevel()
+    return bpe.to_str()
+  raise TokenizerError(f"{directory} has no tokenizer ({' or '.join(HF_FILES)}); save the "
+                       "model's fast tokenizer there with save_pretrained.")
+
+
+def hf_special_ids(hf_config: dict, source) -> SpecialIds:
+  """BOS, EOS and PAD of a language model's `config.json`. BOS and PAD default to EOS (GPT-2
+  and SmolLM have one <|endoftext|> for all): the prefix-LM tasks count a caption's tokens
+  through its first EOS, never by PAD. No MASK (-1): parallel prediction is CapPa's."""
+  first = lambda v: v[0] if isinstance(v, list) and v else v
+  eos = first(hf_config.get("eos_token_id"))
+  if not isinstance(eos, int):
+    raise TokenizerError(f"{source}: config.json has no eos_token_id; the captioner must learn "
+                         "to end its captions with the model's EOS.")
+  bos, pad = first(hf_config.get("bos_token_id")), first(hf_config.get("pad_token_id"))
+  return SpecialIds(pad=eos if pad is None else pad, bos=eos if bos is None else bos, eos=eos,
+                    mask=-1)
+
+
+def hf_tokenizer_file(directory, hf_config: dict) -> bytes:
+  """A model directory's tokenizer (`hf_tokenizer_json`) with the special ids of its
+  `config.json` (`hf_special_ids`): the bytes of the file a run keeps as its tokenizer."""
+  text = hf_tokenizer_json(directory)
+  special = hf_special_ids(hf_config, directory)
+  stored = {"format": HF_FORMAT, "special": dataclasses.asdict(special), "tokenizer": text}
+  _HFBackend(stored, f"{directory}/tokenizer.json")  # a bad one fails here, not mid-run
+  return json.dumps(stored).encode()
+
+
+class _HFBackend:
+  """A stored Hugging Face tokenizer (`write_hf`): ids without any special tokens added."""
+
+  def __init__(self, stored: dict, path: str):
+    damaged = f"Tokenizer file {path} holds a damaged {HF_FORMAT} tokenizer"
+    try:
+      self.special = SpecialIds(**stored["special"])
+      tokenizer_json = stored["tokenizer"]
+    except (KeyError, TypeError):
+      raise TokenizerError(f"{damaged} (no special ids or tokenizer).") from None
+    tk = _tokenizers()
+    try:
+      self.tokenizer = tk.Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # pylint: disable=broad-except  # tokenizers raises plain Exception
+      raise TokenizerError(f"{damaged} ({str(e).splitlines()[0][:200]}).") from None
+    self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: list[int]) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _stored_hf(data: bytes) -> dict | None:
+  """The stored Hugging Face tokenizer in `data`, or None (a sentencepiece model)."""
+  if not data.lstrip().startswith(b"{"):
+    return None
+  try:
+    stored = json.loads(data)
+  except ValueError:
+    return None
+  return stored if isinstance(stored, dict) and stored.get("format") == HF_FORMAT else None
+
+
 class Tokenizer:
   """Captions <-> fixed-length id arrays `[BOS w1 .. wn EOS PAD ..]` of length max_len + 1."""
 
@@ -84,6 +183,12 @@ class Tokenizer:
       raise FileNotFoundError(f"No tokenizer model at {path}; train one with tools/train_tokenizer.py.")
     self.path = path
     proto = epath.Path(path).read_bytes()
+    self.sp, self._hf = None, None
+    stored = _stored_hf(proto)
+    if stored is not None:
+      self._hf = _HFBackend(stored, path)
+      self.special, self.unk_id = self._hf.special, None
+      return
     try:
       self.sp = spm.SentencePieceProcessor(model_proto=proto) if proto else None
     except RuntimeError:
@@ -99,25 +204,31 @@ class Tokenizer:
 
   @property
   def vocab_size(self) -> int:
-    return self.sp.get_piece_size()
+    return self._hf.vocab_size if self._hf else self.sp.get_piece_size()
 
   def encode(self, caption: str, max_len: int) -> np.ndarray:
     """int32[max_len + 1]; captions longer than max_len - 1 tokens are truncated."""
-    ids = self.sp.encode(caption)[:max_len - 1]
+    ids = (self._hf or self.sp).encode(caption)[:max_len - 1]
     tokens = np.full(max_len + 1, self.special.pad, np.int32)
     tokens[:len(ids) + 2] = [self.special.bos, *ids, self.special.eos]
     return tokens
 
   def decode(self, ids) -> str:
-    """Stops at the first EOS; ignores BOS/PAD/MASK.
+    """Stops at the first EOS (after a leading BOS: GPT-2's BOS is its EOS); ignores
+    BOS/PAD/MASK.
 
     Ids past the vocabulary (a model's `vocab_size` may exceed the tokenizer's,
-    and an untrained model emits any id) decode as UNK.
+    and an untrained model emits any id) decode as UNK (sentencepiece) or are dropped.
     """
     out, sp = [], self.special
-    for i in np.asarray(ids).tolist():
+    for n, i in enumerate(np.asarray(ids).tolist()):
+      if n == 0 and i == sp.bos:
+        continue
       if i == sp.eos:
         break
       if i not in (sp.pad, sp.bos, sp.mask):
-        out.append(i if 0 <= i < self.vocab_size else self.unk_id)
-    return self.sp.decode(out)
+        if 0 <= i < self.vocab_size:
+          out.append(i)
+        elif self.unk_id is not None:
+          out.append(self.unk_id)
+    return (self._hf or self.sp).decode(out)

@@ -1,6 +1,7 @@
 """Caption decoding for models with `encode(images)` and
-`decode(tokens, enc, self_mask, decode=False)` methods (CapPa's), jitted, batched, with
-static shapes:
+`decode(tokens, enc, self_mask, decode=False)` methods (CapPa's), or for any family's
+`steps.Decoder` passed in their place (`Task.decoder()`; a prefix language model's:
+`decode/prefix.py`), jitted, batched, with static shapes:
 
   greedy(model, params, images, special=, max_new_tokens=)       the most likely token
   sample(model, params, images, rng, special=, max_new_tokens=,  temperature, top-k, top-p;
@@ -22,7 +23,8 @@ from capjax.decode.beam import beam_search, length_penalty
 from capjax.decode.parallel import parallel, remask
 from capjax.decode.sampling import filter_logits, greedy, sample
 from capjax.decode.scoring import log_likelihood
-from capjax.decode.steps import Decoded, encode
+from capjax.decode.steps import Decoded, Decoder, EncoderDecoder, Steps, encode
 
-__all__ = ["Decoded", "beam_search", "encode", "filter_logits", "greedy", "length_penalty",
-           "log_likelihood", "parallel", "remask", "sample"]
+__all__ = ["Decoded", "Decoder", "EncoderDecoder", "Steps", "beam_search", "encode",
+           "filter_logits", "greedy", "length_penalty", "log_likelihood", "parallel", "remask",
+           "sample"]

@@ -58,9 +58,10 @@ def beam_search(model, params, images, *, special, max_new_tokens: int, beam_siz
   the length-normalised log-likelihoods they are ranked by."""
   if not 1 <= num_return <= beam_size:
     raise ValueError(f"num_return={num_return} must be in [1, beam_size={beam_size}].")
-  enc_BxSxD = steps_lib.encode(model, params, images)
+  decoder = steps_lib.as_decoder(model)
+  enc_BxSxD = decoder.encode(params, images)
   b, k, length, eos = images.shape[0], beam_size, max_new_tokens, special.eos
-  steps = steps_lib.make_steps(model, params, length, special, cached)
+  steps = decoder.steps(params, length, special, cached)
   state = steps.repeat(steps.init(enc_BxSxD), enc_BxSxD, k)
   vocab = jax.eval_shape(steps, state, jnp.zeros((b * k,), jnp.int32), 0)[0].shape[-1]
   if 2 * k > vocab:

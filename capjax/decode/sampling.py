@@ -125,8 +125,9 @@ def greedy(model, params, images, *, special, max_new_tokens: int, min_new_token
   """The most likely token at every step. images: normalized, [B, H, W, 3]; tokens [B, 1, L].
 
   cached=False recomputes the prefix every step (the reference; same tokens and logits)."""
-  enc_BxSxD = steps_lib.encode(model, params, images)
-  steps = steps_lib.make_steps(model, params, max_new_tokens, special, cached)
+  decoder = steps_lib.as_decoder(model)
+  enc_BxSxD = decoder.encode(params, images)
+  steps = decoder.steps(params, max_new_tokens, special, cached)
   tokens, logprobs, logits = generate(
       steps, steps.init(enc_BxSxD), images.shape[0], _argmax, jax.random.key(0), special=special,
       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, keep_logits=return_logits)
@@ -142,8 +143,9 @@ def sample(model, params, images, rng, *, special, max_new_tokens: int, num_samp
   """num_samples captions an image, each token drawn from the model's distribution after
   `filter_logits`; `rng` (a jax key) fixes the draws. Tokens [B, num_samples, L], the most
   likely sample first; top_k=1 is greedy."""
-  enc_BxSxD = steps_lib.encode(model, params, images)
-  steps = steps_lib.make_steps(model, params, max_new_tokens, special, cached)
+  decoder = steps_lib.as_decoder(model)
+  enc_BxSxD = decoder.encode(params, images)
+  steps = decoder.steps(params, max_new_tokens, special, cached)
   state = steps.repeat(steps.init(enc_BxSxD), enc_BxSxD, num_samples)
   choose = lambda logits_BxV, key: categorical(
       key, filter_logits(logits_BxV, temperature, top_k, top_p))

@@ -6,6 +6,12 @@ decoder call on one token a step; the image's cross-attention keys and values co
 `RecomputeSteps` re-runs the decoder over the whole prefix every step: the reference the
 cache is tested and benchmarked against. Both work on any model with
 `encode(images)` and `decode(tokens, enc, self_mask, decode=False)` methods (CapPa's).
+
+A `Decoder` is what a model family gives the decoders (`Task.decoder()`): how to encode images
+and make its `Steps`, and how to score captions. `EncoderDecoder` wraps a model with those
+methods; a family whose model is built otherwise (a language model reading a prefix:
+`capjax/decode/prefix.py`) brings its own, and greedy, sampling, beam search and the
+captioner run it unchanged. The decoders take either a model or a `Decoder` (`as_decoder`).
 """
 
 import dataclasses
@@ -59,8 +65,9 @@ def _batch_axes(init, enc_BxSxD):
   return jax.tree.map(axis, *shapes)
 
 
-class _Steps:
-  """What the two kinds share: batch bookkeeping for samples and beams."""
+class Steps:
+  """What every kind of steps shares: batch bookkeeping for samples and beams. A subclass
+  gives `init(enc)`, `__call__(state, last_B, index) -> (logits_BxV, state)` and `shared`."""
 
   def init(self, enc_BxSxD):
     raise NotImplementedError
@@ -83,7 +90,7 @@ class _Steps:
 
 
 @dataclasses.dataclass(frozen=True)
-class CachedSteps(_Steps):
+class CachedSteps(Steps):
   """One decoder call a token, on its KV caches (`layers.Attention`'s decode path).
 
   `init` is the Flax convention's sizing call: a full-length dummy with decode=True, which
@@ -113,7 +120,7 @@ class CachedSteps(_Steps):
 
 
 @dataclasses.dataclass(frozen=True)
-class RecomputeSteps(_Steps):
+class RecomputeSteps(Steps):
   """The whole prefix through the decoder every step, causally masked (no cache)."""
   model: Any
   params: Any
@@ -136,7 +143,48 @@ class RecomputeSteps(_Steps):
     return logits_BxV, {"tokens": tokens_BxL, "enc": state["enc"]}
 
 
-def make_steps(model, params, length: int, special, cached: bool) -> _Steps:
+def make_steps(model, params, length: int, special, cached: bool) -> Steps:
   if cached:
     return CachedSteps(model, params, length)
   return RecomputeSteps(model, params, length, special.pad)
+
+
+class Decoder:
+  """What the decoders need of a model family (`Task.decoder()`):
+    encode(params, images) -> the image's representation `steps(...).init` and
+      `log_likelihood` take (images as the task's `pixels` makes them);
+    steps(params, length, special, cached) -> a `Steps` feeding up to `length` tokens;
+    log_likelihood(params, enc, tokens_BxNxL1, special) -> float32[B, N] caption scores;
+    parallel: whether the model decodes in one bidirectional pass (CapPa's)."""
+  parallel = False
+
+  def encode(self, params, images):
+    raise NotImplementedError
+
+  def steps(self, params, length: int, special, cached: bool) -> Steps:
+    raise NotImplementedError
+
+  def log_likelihood(self, params, enc, tokens_BxNxL1, special):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoder(Decoder):
+  """A model with `encode(images)` and `decode(tokens, enc, self_mask, decode=False)`."""
+  model: Any
+  parallel = True
+
+  def encode(self, params, images):
+    return encode(self.model, params, images)
+
+  def steps(self, params, length: int, special, cached: bool) -> Steps:
+    return make_steps(self.model, params, length, special, cached)
+
+  def log_likelihood(self, params, enc, tokens_BxNxL1, special):
+    from capjax.decode import scoring  # pylint: disable=g-import-not-at-top
+    return scoring.log_likelihood(self.model, params, enc, tokens_BxNxL1, special=special)
+
+
+def as_decoder(model) -> Decoder:
+  """`model` itself when it is a `Decoder`, else the `EncoderDecoder` of its methods."""
+  return model if isinstance(model, Decoder) else EncoderDecoder(model)

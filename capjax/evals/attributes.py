@@ -2,7 +2,9 @@
 
 The share of the images' attributes (shape, colour and size of every object, the
 object count, and the relation in two-object scenes) that the caption states
-correctly; see `capjax.data.synthetic.score_caption`.
+correctly; see `capjax.data.synthetic.score_caption`. `distinct_captions`: the share of
+distinct captions among the first `DISTINCT_OVER` images (a fixed count, so runs compare; mode
+collapse, one caption for many images, shows as a low share).
 """
 
 import sys
@@ -11,6 +13,14 @@ import numpy as np
 
 from capjax import captioner as captioner_lib, evals
 from capjax.data import pipeline, synthetic
+
+DISTINCT_OVER = 64
+
+
+def distinct_share(captions: list[str], over: int = DISTINCT_OVER) -> float:
+  """Distinct captions / captions, among the first `over`."""
+  first = captions[:over]
+  return len(set(first)) / max(len(first), 1)
 
 
 def generated_captions(trained, images_uint8) -> list[str]:
@@ -34,4 +44,5 @@ def attribute_accuracy(trained, split: str = "test", num_examples: int = 256, sh
   exact = [synthetic.score_caption(g, a) for g, a in zip(generated, attributes)]
   return {"eval": "attributes", "split": split, "num_images": len(generated),
           "attribute_accuracy": synthetic.attribute_accuracy(generated, attributes),
-          "fully_correct": float(np.mean([c == t for c, t in exact])), "step": trained.step}
+          "fully_correct": float(np.mean([c == t for c, t in exact])),
+          "distinct_captions": distinct_share(generated), "step": trained.step}

@@ -59,6 +59,25 @@ def load(directory, **runtime):
   return module, {"params": params}
 
 
+def describe(directory) -> tuple[str, dict, dict]:
+  """(family, module config, the source's `config.json`) of a Hugging Face or converted
+  directory, without reading its tensors: what a run needs to size its model before `load`."""
+  path = pathlib.Path(directory)
+  if (path / CONVERTED_JSON).exists():
+    meta = json.loads((path / CONVERTED_JSON).read_text())
+    if meta.get("family") not in FAMILIES:
+      raise ValueError(f"{path / CONVERTED_JSON}: unknown family {meta.get('family')!r}; "
+                       f"expected one of {sorted(FAMILIES)}.")
+    return meta["family"], meta["config"], meta.get("hf_config", {})
+  if (path / "config.json").exists():
+    hf_config = json.loads((path / "config.json").read_text())
+    arch = _architecture(hf_config, path)
+    family = ARCHITECTURES[arch]
+    return family, CONFIGS[family](hf_config, arch, _Where(path, arch)), hf_config
+  raise ValueError(f"{path}: no config.json (Hugging Face) or {CONVERTED_JSON} (converted) "
+                   "found.")
+
+
 def convert(src) -> tuple[str, dict, dict]:
   """(family, module config, params) from a Hugging Face directory."""
   src = pathlib.Path(src)

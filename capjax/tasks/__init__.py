@@ -20,7 +20,7 @@ def register(name: str):
 
 def _import_builtin():
   # pylint: disable=g-import-not-at-top,unused-import
-  from capjax.tasks import cappa, siglit  # noqa: F401
+  from capjax.tasks import cappa, clip_prefix, mini_vlm, siglit  # noqa: F401
 
 
 def _lookup(name: str) -> type[Task]:

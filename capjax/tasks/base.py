@@ -5,16 +5,20 @@ The train step (`capjax/trainer.py`) calls only `train_loss`; validation only `e
 the assembly (`capjax/setup.py`) only `init_params`, `pretrained_params`, `batch_spec`,
 `trainable` and `flops_per_example`; the trainer `prepare_run` once before it builds anything;
 evaluators only `predict_fns()` (as big_vision's evaluators consume a family's predict functions
-and nothing else). Params are a plain pytree; batches are dicts of arrays whose keys and shapes
+and nothing else); the captioner `decoder()` and `pixels()`. Params are a plain pytree; batches are dicts of arrays whose keys and shapes
 `batch_spec` states.
 """
 
 import abc
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from capjax import config as config_lib
+from capjax.decode import steps as decode_steps
 
 
 def normalize_images(images_uint8, dtype):
@@ -28,6 +32,66 @@ def caption_batch_spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruc
   s, length = config.data.image_size, config.model.max_len
   return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
           "tokens": jax.ShapeDtypeStruct((batch_size, length + 1), jnp.int32)}
+
+
+def get_key(config, key: str):
+  """config["a.b.c"] for a dotted key."""
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def with_values(config, values: dict, origin: str):
+  """A copy of `config` with `values` ({dotted key: value}) set, validated and locked; the
+  values are printed (naming `origin`), changed or not. `config` itself when nothing changes."""
+  if values and jax.process_index() == 0:
+    print(f"{config.task}: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()),
+          file=sys.stderr)
+  changed = {k: v for k, v in values.items() if get_key(config, k) != v}
+  if not changed:
+    return config
+  config = config.copy_and_resolve_references()
+  for key, value in changed.items():
+    *parents, leaf = key.split(".")
+    node = get_key(config, ".".join(parents))
+    with node.ignore_type():
+      node[leaf] = value
+  config_lib.validate(config)
+  config.lock()
+  return config
+
+
+def resumed_config(workdir: str):
+  """The config of the run's newest checkpoint in `workdir` (a resumed run), or None."""
+  from capjax import trained, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not workdir_lib.checkpoints(workdir).exists():
+    return None
+  try:
+    return trained.saved_config(workdir)[0]
+  except FileNotFoundError:  # an empty checkpoints folder
+    return None
+
+
+def install_tokenizer(config, workdir: str, wanted: bytes, source: str):
+  """Puts a pretrained source's tokenizer (the file's bytes) where the run reads its tokenizer;
+  refuses a different one already there, or a `tokenizer.path` that is not it (one line)."""
+  from capjax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return  # the trainer syncs the processes before anyone reads it
+  target = workdir_lib.tokenizer(workdir, config)
+  if target.exists() and target.read_bytes() != wanted:
+    where = (f"tokenizer.path={config.tokenizer.path}" if config.tokenizer.path else str(target))
+    raise config_lib.ConfigError(
+        f"{where} is not the tokenizer of {source}; a run reads its captions with that "
+        "tokenizer: use a new --workdir and leave tokenizer.path empty.")
+  if not target.exists():
+    if config.tokenizer.path:
+      raise config_lib.ConfigError(
+          f"tokenizer.path={config.tokenizer.path} does not exist; this run uses the tokenizer "
+          f"of {source}: leave tokenizer.path empty.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(wanted)
 
 
 class Task(abc.ABC):
@@ -95,6 +159,18 @@ class Task(abc.ABC):
     """Bools with `params`' structure: False for frozen params (no optimizer state, no update).
     None: everything trains."""
     del params
+    return None
+
+  def pixels(self, images_uint8):
+    """uint8 images -> the model's input (default: [-1, 1] in the compute dtype)."""
+    return normalize_images(images_uint8, self.dtype)
+
+  def decoder(self) -> decode_steps.Decoder | None:
+    """What `capjax.decode` and the captioner decode this family with (images as `pixels`
+    makes them), or None for a family that does not caption. Default: the model's own
+    `encode` / `decode` methods (CapPa's)."""
+    if all(callable(getattr(self.model, m, None)) for m in ("encode", "decode")):
+      return decode_steps.EncoderDecoder(self.model)
     return None
 
   def predict_fns(self) -> dict[str, Callable]:

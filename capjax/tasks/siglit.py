@@ -19,13 +19,11 @@ plus 3 x forward of what trains: the pooling head (MAP: q/out 2*D*D, k/v 2*T*D*D
 
 import functools
 import logging
-import sys
 
 import jax
 import jax.numpy as jnp
 
 from capjax import checkpoint, config as config_lib, tasks, trained as trained_lib
-from capjax import workdir as workdir_lib
 from capjax.models import layers, two_towers
 from capjax.tasks import base, cappa
 
@@ -47,70 +45,13 @@ def sigmoid_loss(zimg_BxE, ztxt_BxE, temperature, bias):
   return jnp.mean(-jnp.sum(jax.nn.log_sigmoid(labels_BxB * logits_BxB), axis=-1))
 
 
-def _get(config, key: str):
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
-def _with_values(config, values: dict, origin: str):
-  """A copy of `config` with `values` ({dotted key: value}) set, validated and locked."""
-  if jax.process_index() == 0:
-    print(f"siglit: from {origin}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()),
-          file=sys.stderr)
-  changed = {k: v for k, v in values.items() if _get(config, k) != v}
-  if not changed:
-    return config
-  config = config.copy_and_resolve_references()
-  for key, value in changed.items():
-    *parents, leaf = key.split(".")
-    node = _get(config, ".".join(parents))
-    with node.ignore_type():
-      node[leaf] = value
-  config_lib.validate(config)
-  config.lock()
-  return config
-
-
 def _run_values(config, other) -> dict:
   """`RUN_KEYS` of `other` (the tower's run, or this run's checkpoint), and its `data.dir` when
   `config` reads the same data without naming a folder."""
-  values = {k: _get(other, k) for k in RUN_KEYS}
+  values = {k: base.get_key(other, k) for k in RUN_KEYS}
   if not config.data.dir and config.data.name == other.data.name:
     values["data.dir"] = other.data.dir
   return values
-
-
-def _own_saved_config(workdir: str):
-  """The config of the run's newest checkpoint (a resumed run), or None."""
-  if not workdir_lib.checkpoints(workdir).exists():
-    return None
-  try:
-    return trained_lib.saved_config(workdir)[0]
-  except FileNotFoundError:  # an empty checkpoints folder
-    return None
-
-
-def _use_tokenizer(config, workdir: str, source_tokenizer, source: str):
-  """Puts the tower's tokenizer where the run reads its tokenizer; refuses a different one."""
-  if jax.process_index() != 0:
-    return  # the trainer syncs the processes before anyone reads it
-  target = workdir_lib.tokenizer(workdir, config)
-  wanted = source_tokenizer.read_bytes()
-  if target.exists() and target.read_bytes() != wanted:
-    where = (f"tokenizer.path={config.tokenizer.path}" if config.tokenizer.path else str(target))
-    raise config_lib.ConfigError(
-        f"{where} is not the tokenizer of init.image_tower={source} ({source_tokenizer}); "
-        "SigLiT reads captions with its tower's tokenizer: use a new --workdir and leave "
-        "tokenizer.path empty.")
-  if not target.exists():
-    if config.tokenizer.path:
-      raise config_lib.ConfigError(
-          f"tokenizer.path={config.tokenizer.path} does not exist; SigLiT uses the tokenizer "
-          f"of init.image_tower={source}: leave tokenizer.path empty.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(wanted)
 
 
 @tasks.register("siglit")
@@ -154,9 +95,10 @@ class SigLiT(base.Task):
 
   @classmethod
   def prepare_run(cls, config, workdir):
-    resumed = _own_saved_config(workdir)
+    resumed = base.resumed_config(workdir)
     if resumed is not None:  # the checkpoint has the tower; init.image_tower is not read again
-      return _with_values(config, _run_values(config, resumed), f"the checkpoint in {workdir}")
+      return base.with_values(config, _run_values(config, resumed),
+                              f"the checkpoint in {workdir}")
     source = config.init.image_tower
     if not source:
       logging.warning("init.image_tower is not set: SigLiT trains on a randomly initialised "
@@ -170,9 +112,10 @@ class SigLiT(base.Task):
       raise config_lib.ConfigError(
           f"init.image_tower={source} holds a task={source_config.task!r} model; SigLiT takes "
           f"the vision tower of one of {SOURCE_TASKS}.")
-    config = _with_values(config, _run_values(config, source_config),
-                          f"init.image_tower={source}")
-    _use_tokenizer(config, workdir, source_tokenizer, source)
+    config = base.with_values(config, _run_values(config, source_config),
+                              f"init.image_tower={source}")
+    base.install_tokenizer(config, workdir, source_tokenizer.read_bytes(),
+                           f"init.image_tower={source} ({source_tokenizer})")
     return config
 
   def build_model(self):
