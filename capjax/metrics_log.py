@@ -1,5 +1,7 @@
 """Where metrics go: DIR/metrics.jsonl (one JSON object a line), wandb (offline by default),
-and a console progress bar. Only process 0 writes. DIR may be gs:// (through epath)."""
+and the console: a progress bar on a terminal, a plain line per logged step otherwise (a log
+file would get a redrawn bar around every message). Only process 0 writes. DIR may be gs://
+(through epath)."""
 
 import json
 import math
@@ -71,8 +73,10 @@ class MetricsWriter:
           project=config.wandb.project, name=config.wandb.name or None, mode=mode,
           dir=wandb_dir, config=config.to_dict(), resume="allow",
           settings=wandb.Settings(silent=True))
-    self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=sys.stderr,
-                         dynamic_ncols=True, desc="train")
+    self.total_steps = total_steps
+    if sys.stderr.isatty():
+      self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=sys.stderr,
+                           dynamic_ncols=True, desc="train")
 
   def write(self, step: int, metrics: dict):
     if not self.main:
@@ -89,17 +93,22 @@ class MetricsWriter:
       self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
   def progress(self, step: int, metrics: dict):
-    if self.bar is None:
+    if not self.main:
       return
-    self.bar.n = int(step)
     shown = {"loss": metrics.get("train/loss"), "ex/s": metrics.get("perf/examples_per_s"),
              "mfu": metrics.get("perf/mfu")}
-    self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()
-                          if v is not None and math.isfinite(v)}, refresh=True)
+    shown = {k: f"{v:.3g}" for k, v in shown.items() if v is not None and math.isfinite(v)}
+    if self.bar is None:
+      print(f"train {int(step)}/{self.total_steps}: "
+            + ", ".join(f"{k} {v}" for k, v in shown.items()), file=sys.stderr, flush=True)
+      return
+    self.bar.n = int(step)
+    self.bar.set_postfix(shown, refresh=True)
 
   def message(self, text: str):
+    """Prints `text` (any number of lines) above the progress bar, which is redrawn once."""
     if self.main:
-      (self.bar.write if self.bar else print)(text, file=sys.stderr)
+      tqdm.tqdm.write(text, file=sys.stderr)
 
   def close(self):
     if self.bar is not None:

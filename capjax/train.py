@@ -218,9 +218,8 @@ def _train(config, workdir: str, stop: stopping.StopRequest):
                                       or step == config.train.num_steps):  # 0: never
           val, samples = evaluate(run, state.params, tok, step)
           writer.write(step, val)
-          writer.message(f"step {step}: val/loss {val['val/loss']:.4f}")
-          for generated, truth in samples:
-            writer.message(f"  generated: {generated!r}   true: {truth!r}")
+          writer.message("\n".join([f"step {step}: val/loss {val['val/loss']:.4f}"] + [
+              f"  generated: {generated!r}   true: {truth!r}" for generated, truth in samples]))
           window_start = time.perf_counter()
         for name in evals.due(config, step):  # config.evals
           trained = trained_lib.Trained(config, run.task, state.params, tok, step)

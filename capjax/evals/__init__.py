@@ -13,8 +13,10 @@ import importlib
 import importlib.util
 import inspect
 import numbers
+import sys
 
 import ml_collections
+import tqdm
 
 from capjax import config as config_lib
 
@@ -22,6 +24,11 @@ from capjax import config as config_lib
 _MODULES = ("attributes", "captioning", "zeroshot", "linear_probe", "compositional", "siglit")
 _EVALS = {}
 _REQUIRES = {}
+
+
+def say(*lines: str):
+  """Prints lines to stderr in one write above a training progress bar, which stays one line."""
+  tqdm.tqdm.write("\n".join(lines), file=sys.stderr)
 
 
 def register(name, requires: tuple[str, ...] = ()):

@@ -7,7 +7,6 @@ distinct captions among the first `DISTINCT_OVER` images (a fixed count, so runs
 collapse, one caption for many images, shows as a low share).
 """
 
-import sys
 
 import numpy as np
 
@@ -39,8 +38,8 @@ def attribute_accuracy(trained, split: str = "test", num_examples: int = 256, sh
     generated += generated_captions(trained, batch["image"])
     attributes += [r["attributes"] for r in batch["records"]]
     truths += [r["captions"][0] for r in batch["records"]]
-  for g, t in list(zip(generated, truths))[:show]:
-    print(f"  generated: {g:<70} true: {t}", file=sys.stderr)
+  if show:
+    evals.say(*(f"  generated: {g:<70} true: {t}" for g, t in list(zip(generated, truths))[:show]))
   exact = [synthetic.score_caption(g, a) for g, a in zip(generated, attributes)]
   return {"eval": "attributes", "split": split, "num_images": len(generated),
           "attribute_accuracy": synthetic.attribute_accuracy(generated, attributes),

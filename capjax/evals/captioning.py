@@ -90,7 +90,8 @@ def caption_metrics(trained, split: str = "test", num_examples: int = 256, batch
   if not candidates:
     raise ValueError(f"No readable images in the {split} split of "
                      f"data.name={trained.config.data.name}.")
-  for i in list(candidates)[:show]:
-    print(f"  generated: {candidates[i]:<60} reference: {references[i][0]}", file=sys.stderr)
+  if show:
+    evals.say(*(f"  generated: {candidates[i]:<60} reference: {references[i][0]}"
+                for i in list(candidates)[:show]))
   return {"eval": "captioning", "split": split, "num_images": len(candidates),
           **score(candidates, references), "step": trained.step}

@@ -24,7 +24,6 @@ of the same config (the baseline, near 50% when the prior is removed).
 
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -151,9 +150,9 @@ def compositional(trained, *, sugarcrepe_dir: str = "", images_dir: str = "",
     reference = np.asarray([val[i]["image"] for i in range(prior_images)], np.uint8).reshape(
         prior_images, size, size, 3)
   triples = {c: t for c, t in triples.items() if t}
-  for category, items in triples.items():
-    for _, p, q in items[:show]:
-      print(f"  {category:<12} + {p:<52} - {q}", file=sys.stderr)
+  if show:
+    evals.say(*(f"  {category:<12} + {p:<52} - {q}"
+                for category, items in triples.items() for _, p, q in items[:show]))
   encoders = {"trained": trained}
   if baseline:
     encoders["random"] = trained_lib.randomly_initialised(trained, random_seed)
@@ -163,7 +162,7 @@ def compositional(trained, *, sugarcrepe_dir: str = "", images_dir: str = "",
     for score in ("likelihood", "normalized"):
       if score in next(iter(per_category.values())):
         row = "  ".join(f"{c} {per_category[c][score]:.3f}" for c in per_category)
-        print(f"compositional {name:<7} {score:<10} {row}", file=sys.stderr)
+        evals.say(f"compositional {name:<7} {score:<10} {row}")
   if plot:
     from capjax.evals import plots  # pylint: disable=g-import-not-at-top  # matplotlib is slow
     plots.category_accuracy(results, plot)

@@ -24,7 +24,6 @@ baseline). `chance` is the test accuracy of always guessing the most common test
 """
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -288,7 +287,7 @@ def linear_probe(trained, *, num_train: int = 2000, num_test: int = 512,
   for set_name, train_set in train_sets.items():
     test_set, num_classes = test_sets[set_name], len(train_set.classes)
     if len(train_set.labels) < 2 or not len(test_set.labels):
-      print(f"linear_probe: skipping {set_name}: too few images", file=sys.stderr)
+      evals.say(f"linear_probe: skipping {set_name}: too few images")
       continue
     row = {"classes": num_classes, "num_train": len(train_set.labels),
            "num_test": len(test_set.labels),
@@ -298,7 +297,7 @@ def linear_probe(trained, *, num_train: int = 2000, num_test: int = 512,
                                  test_features[set_name], test_set.labels, num_classes, shots,
                                  seeds, heldout_fraction)
     results[set_name] = row
-    print(summary(set_name, row, shots), file=sys.stderr)
+    evals.say(summary(set_name, row, shots))
   if plot:
     from capjax.evals import plots  # pylint: disable=g-import-not-at-top  # matplotlib is slow
     plots.probe_accuracy(results, shots, plot)

@@ -16,7 +16,6 @@ the query's favour (rank = how many candidates score strictly higher).
 """
 
 import itertools
-import sys
 
 import numpy as np
 
@@ -173,12 +172,12 @@ def siglit_eval(trained, split: str = "test", num_examples: int = 512, batch_siz
     chance = 1.0 / len(label_set.classes)
     metrics.update({f"zeroshot_{name}": accuracy, f"zeroshot_{name}_chance": chance,
                     f"zeroshot_{name}_images": int(len(label_set.labels))})
-    print(f"  zero-shot {name:<8} {accuracy:.3f}  (chance {chance:.3f}, "
-          f"{len(label_set.labels)} images, {len(label_set.classes)} classes)", file=sys.stderr)
+    evals.say(f"  zero-shot {name:<8} {accuracy:.3f}  (chance {chance:.3f}, "
+              f"{len(label_set.labels)} images, {len(label_set.classes)} classes)")
   if retrieval_examples:
     found = retrieval(trained, split, retrieval_examples, batch_size)
     metrics.update(found)
-    print("  retrieval over {} images, {} captions: ".format(
+    evals.say("  retrieval over {} images, {} captions: ".format(
         found["retrieval_images"], found["retrieval_texts"]) + "  ".join(
-            f"{key} {found[key]:.3f}" for key in found if "R@" in key), file=sys.stderr)
+            f"{key} {found[key]:.3f}" for key in found if "R@" in key))
   return metrics

@@ -25,7 +25,6 @@ shapes a"), each scored as a caption prefix: the probability that the caption be
 
 import itertools
 import string
-import sys
 
 import numpy as np
 
@@ -146,9 +145,9 @@ def zeroshot_accuracy(trained, split: str = "test", num_examples: int = 512,
     top1 = top_k_accuracy(class_scores, label_set.labels, 1)
     topk = top_k_accuracy(class_scores, label_set.labels, k)
     n_classes = len(label_set.classes)
-    print(f"  {name}: top-1 {top1:.3f} (chance {1 / n_classes:.3f}), top-{k} {topk:.3f} "
-          f"(chance {k / n_classes:.3f}); {len(label_set.labels)} images, {n_classes} classes, "
-          f"{len(flat)} prompts", file=sys.stderr)
+    evals.say(f"  {name}: top-1 {top1:.3f} (chance {1 / n_classes:.3f}), top-{k} {topk:.3f} "
+              f"(chance {k / n_classes:.3f}); {len(label_set.labels)} images, {n_classes} "
+              f"classes, {len(flat)} prompts")
     metrics.update({f"{name}/top1": top1, f"{name}/top5": topk,
                     f"{name}/chance_top1": 1 / n_classes, f"{name}/chance_top5": k / n_classes,
                     f"{name}/num_images": len(label_set.labels)})
