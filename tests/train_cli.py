@@ -16,7 +16,8 @@ TINY = {"model.width": 32, "model.mlp_dim": 64, "model.num_heads": 2, "model.enc
         "model.dec_depth": 1, "model.num_registers": 2, "data.image_size": 32,
         "train.batch_size": 16, "train.log_every": 10, "eval.every": 0,
         "eval.num_examples": 32, "eval.batch_size": 32, "eval.num_captions": 1,
-        "checkpoint.every": 10, "checkpoint.keep": 0, "dtype": "float32"}
+        "checkpoint.every": 10, "checkpoint.keep": 0, "dtype": "float32",
+        "optimizer.name": "adamw", "optimizer.b2": 0.999, "schedule.peak_lr": 2e-3}  # helpers.ADAMW
 # Compiled steps are cached across the test runs (same program, same machine code).
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f"capjax-test-jax-cache-{os.getuid()}")
 
