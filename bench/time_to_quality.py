@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/time_to_quality.py --config=shapes_tiny [--candidates=a,b,c]
       [--eval_every=100] [--target=0.8] [--png=PATH] [--workdir=DIR] [--set KEY=VALUE ...]
-  .venv/bin/python bench/time_to_quality.py --config=flickr_small [--images=200]
+  .venv/bin/python bench/time_to_quality.py --config=flickr_small [--images=2000]
 
 Each candidate is the preset with a few config overrides (CANDIDATES; `--list` prints them). It
 trains through `capjax.train.train` in this process, one after the other, from the same seed,
@@ -173,7 +173,7 @@ def main():
   parser.add_argument("--target", type=float, default=None)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every candidate (e.g. data.num_threads=8)")
-  parser.add_argument("--images", type=int, default=400, help="Flickr folder size")
+  parser.add_argument("--images", type=int, default=2000, help="Flickr folder size")
   parser.add_argument("--workdir", default=None, help="default: a new temporary folder")
   parser.add_argument("--png", default=None, help="default: WORKDIR/time_to_quality.png")
   parser.add_argument("--list", action="store_true")
