@@ -142,6 +142,7 @@ def test_scores_sum_the_caption_tokens_log_likelihood(tiny):
 # ------------------------------------------------------------------ frozen tower, training
 
 
+@pytest.mark.slow
 def test_training_leaves_the_tower_bitwise_unchanged_and_teaches_eos():
   config = helpers.prefix_config("clip_prefix_small", **{
       "model.mapper.kind": "transformer", "model.mapper.depth": 1, "model.mapper.num_heads": 2,

@@ -65,6 +65,7 @@ def test_a_log_file_gets_a_plain_line_per_logged_step_and_no_redrawn_bar(
       "train 20/100: loss 1.25, ex/s 91, mfu 0.05"]
 
 
+@pytest.mark.slow
 def test_on_a_terminal_an_evaluation_and_its_samples_redraw_the_bar_once(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "disabled")
   terminal = Terminal()

@@ -58,6 +58,7 @@ def test_image_positions_are_out_of_the_loss(tiny):
   assert loss(targets.at[1, TOKENS].set(11)) != loss(targets)
 
 
+@pytest.mark.slow
 def test_a_frozen_lm_and_the_tower_stay_bitwise_unchanged_without_optimizer_state():
   config = helpers.prefix_config("mini_vlm_small", **{"model.lm.frozen": True})
   batch = helpers.caption_batch(config, [[BOS, 5, 6, EOS], [BOS, 7, 8, 9, EOS]] * 4)
@@ -137,6 +138,7 @@ def test_a_converted_vit_and_llama_load_through_init_vision_and_init_lm(tmp_path
   assert out.shape == (2, run_config.model.max_len) and isinstance(tok.decode(out[0]), str)
 
 
+@pytest.mark.slow
 def test_the_decoders_run_the_prefix_decoder_as_they_run_cappas(tiny):
   """capjax.decode through the task's decoder: the KV cache equals recomputing, a beam of one
   and top-1 sampling are greedy, and the rows of an image are repeated and reordered alike."""
