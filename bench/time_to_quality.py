@@ -96,12 +96,13 @@ def write_flickr_folder(directory: str, num_images: int, image_size: int) -> str
   return directory
 
 
-def quality_spec(data_name: str):
-  """(metric key in metrics.jsonl, 'max' or 'min', the evaluator and its options)."""
-  if data_name == "shapes":
-    return ("eval/attributes/attribute_accuracy", "max",
-            ("attributes", {"split": "val", "num_examples": 256, "show": 0}))
-  return "val/loss", "min", ("captioning", {"split": "val", "num_examples": 128, "show": 0})
+# Per preset: (metric key in metrics.jsonl, "max" or "min", the evaluator and its options).
+QUALITY = {
+    "shapes_tiny": ("eval/attributes/attribute_accuracy", "max",
+                    ("attributes", {"split": "val", "num_examples": 256, "show": 0})),
+    "flickr_small": ("val/loss", "min",
+                     ("captioning", {"split": "val", "num_examples": 128, "show": 0})),
+}
 
 
 def candidate_config(preset: str, overrides: dict, extra: list[str], eval_every: int,
@@ -109,7 +110,7 @@ def candidate_config(preset: str, overrides: dict, extra: list[str], eval_every:
   flags = [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
   if data_dir:
     flags.append(f"--config.data.dir={data_dir}")
-  _, _, (evaluator, options) = quality_spec(config_lib.load(preset, flags).data.name)
+  _, _, (evaluator, options) = QUALITY[preset]
   flags += [f"--config.evals.{evaluator}.every={eval_every}"]
   flags += [f"--config.evals.{evaluator}.{k}={v}" for k, v in options.items()]
   flags += ["--config.wandb.mode=disabled", f"--config.train.log_every={eval_every}",
@@ -197,10 +198,10 @@ def main():
   began = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - began:6.0f} s] {msg}", flush=True)
 
-  curves, key, direction = {}, None, None
+  key, direction, _ = QUALITY[args.config]
+  curves = {}
   for name in names:
     config = candidate_config(args.config, table[name], extra, args.eval_every, data_dir)
-    key, direction, _ = quality_spec(config.data.name)
     run_dir = os.path.join(workdir, name)
     log(f"{name}: {table[name] or 'the preset'} ({config.train.num_steps} steps)")
     _, stopped_by = train_lib.train(config, run_dir)
